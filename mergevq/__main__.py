@@ -1,0 +1,5 @@
+import sys
+
+from mergevq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,38 @@
+"""The ``mergevq`` command: one sub-command per module, each registering its own parser.
+
+A command module exposes ``register(subparsers)``, which adds its parser and sets ``func`` (called with the parsed
+namespace, returns an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that register sub-commands, in the order they appear in ``mergevq --help``.
+_COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mergevq",
+        description="MergeVQ: token-merging visual tokenizer (train, reconstruct, encode, evaluate, benchmark).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
