@@ -1,0 +1,293 @@
+"""Token merging (bipartite soft matching) with assignment tracking, and per-layer merge schedules.
+
+A ViT block merges ``r`` pairs of similar tokens after its attention; after the last block ``K`` of the original
+``L`` tokens remain. We record which original positions each remaining token absorbed so that the full grid can be
+recovered (``Z_L = Sᵀ Z_K``).
+
+Representation: the source matrix ``S ∈ {0,1}^{K×L}`` is a partition of the ``L`` positions, so it is stored as
+``assignment[b, l] = k`` (int64, O(L) per sample) instead of a dense one-hot matrix; :func:`source_matrix` builds the
+dense ``S`` on demand.
+
+Token order: the non-CLS tokens are always kept in raster order of their first (smallest) source position. The
+alternate even/odd split of the next layer then stays spatially meaningful, and the K merged tokens come out in a
+deterministic, position-consistent order. The CLS token (when present) is first and is never merged.
+
+Einstein legend:
+    B  batch
+    T  current tokens, CLS included (T = N + has_cls)
+    N  current non-CLS tokens (= current number of groups)
+    L  original positions (tokens before any merge)
+    K  groups after the last merge
+    C  token channels
+    c  metric channels (e.g. head dimension of the keys)
+    r  merges in one layer
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "MergeState",
+    "init_merge_state",
+    "merge_step",
+    "merge_schedule",
+    "group_sizes",
+    "source_matrix",
+    "unmerge",
+]
+
+SCHEDULE_KINDS = ("linear", "constant", "square")
+
+
+@dataclass
+class MergeState:
+    """Tokens after some merge steps, and what each of them absorbed.
+
+    Attributes:
+        tokens: ``[B, T, C]`` current tokens; the CLS token is first when ``has_cls``.
+        size: ``[B, T]`` float32, number of original positions held by each token (CLS: 1). Kept in float32 even
+            for low-precision tokens so that sizes above 256 stay exact.
+        assignment: ``[B, L]`` int64, index ``0..N-1`` (among the non-CLS tokens) of the group of each position.
+        has_cls: whether ``tokens[:, 0]`` is a protected CLS token.
+        first_position: ``[B, N]`` int64, smallest original position of each non-CLS token. Strictly increasing
+            along N (tokens are in raster order of it); used to keep that order after each merge.
+    """
+
+    tokens: Tensor
+    size: Tensor
+    assignment: Tensor
+    has_cls: bool
+    first_position: Tensor
+
+    @property
+    def num_groups(self) -> int:
+        """N, the number of non-CLS tokens."""
+        return self.tokens.shape[1] - int(self.has_cls)
+
+    @property
+    def patch_tokens(self) -> Tensor:
+        """``[B, N, C]`` the non-CLS tokens."""
+        return self.tokens[:, int(self.has_cls) :]
+
+    @property
+    def patch_size(self) -> Tensor:
+        """``[B, N]`` sizes of the non-CLS tokens."""
+        return self.size[:, int(self.has_cls) :]
+
+
+def init_merge_state(tokens: Tensor, *, has_cls: bool = True) -> MergeState:
+    """Start tracking from unmerged tokens ``[B, has_cls + L, C]``: every position is its own group."""
+    if tokens.dim() != 3:
+        raise ValueError(f"tokens must be [B, T, C], got shape {tuple(tokens.shape)}")
+    batch, num_tokens, _ = tokens.shape
+    num_positions = num_tokens - int(has_cls)
+    if num_positions < 1:
+        raise ValueError(f"need at least one non-CLS token, got T={num_tokens} with has_cls={has_cls}")
+    positions_L = torch.arange(num_positions, device=tokens.device).expand(batch, num_positions)
+    return MergeState(
+        tokens=tokens,
+        size=torch.ones(batch, num_tokens, device=tokens.device, dtype=torch.float32),
+        assignment=positions_L.clone(),
+        has_cls=has_cls,
+        first_position=positions_L.clone(),
+    )
+
+
+def merge_step(state: MergeState, *, metric: Tensor, r: int) -> MergeState:
+    """Merge ``r`` token pairs by bipartite soft matching on ``metric`` ``[B, T, c]`` (CLS row included when present).
+
+    The non-CLS tokens are split alternately (even positions → set A, odd → set B); each A token picks its most
+    cosine-similar B token, and the ``r`` A tokens with the highest such scores are merged into their partners
+    (size-weighted average; several A tokens may join the same B token). Merged tokens leave in raster order of their
+    first source position. Requires ``0 <= r <= N // 2``; ``r = 0`` returns ``state`` itself. The selection is
+    discrete; the merged values are differentiable w.r.t. ``state.tokens``.
+    """
+    tokens_BTC = state.tokens
+    batch, num_tokens, channels = tokens_BTC.shape
+    off = int(state.has_cls)
+    n = num_tokens - off
+    if metric.shape[:2] != (batch, num_tokens):
+        raise ValueError(f"metric must be [B, T, c] = [{batch}, {num_tokens}, c], got {tuple(metric.shape)}")
+    if not 0 <= r <= n // 2:
+        raise ValueError(f"r={r} merges out of N={n} tokens breaks the per-layer cap 0 <= r <= N // 2 = {n // 2}")
+    if r == 0:
+        return state
+
+    # Matching is discrete: no graph needed for the scores.
+    with torch.no_grad():
+        metric_BNc = F.normalize(metric[:, off:], dim=-1)
+        scores = metric_BNc[:, 0::2] @ metric_BNc[:, 1::2].transpose(1, 2)  # [B, ceil(N/2), floor(N/2)]
+        best_score, best_partner = scores.max(dim=-1)  # [B, ceil(N/2)]
+        # Stable sort: ties resolve to the earliest A token, identically for a batch and for its single samples.
+        src_a = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]  # [B, r] index in A
+        dst_b = best_partner.gather(1, src_a)  # [B, r] index in B
+    src = 2 * src_a  # [B, r] index among the N current tokens
+    dst = 2 * dst_b + 1
+
+    first = state.first_position
+    first_new = first.scatter_reduce(1, dst, first.gather(1, src), reduce="amin")
+    # A group's first position is the smaller of its parts'; merged-away tokens get a sentinel that sorts last.
+    first_new = first_new.scatter(1, src, torch.iinfo(torch.int64).max)
+    order = first_new.argsort(dim=1)[:, : n - r]  # [B, N-r] old index of each new token
+
+    # Old token index -> new token index, going through the partner for merged-away tokens.
+    target = torch.arange(n, device=src.device).expand(batch, n).scatter(1, src, dst)  # [B, N]
+    new_index = torch.empty_like(target).scatter_(1, order, torch.arange(n - r, device=src.device).expand(batch, -1))
+    new_of_old = new_index.gather(1, target)  # [B, N]
+
+    # Rows of the output, CLS included, as indices into the current tokens.
+    rows_out = order + off
+    if off:
+        rows_out = torch.cat([torch.zeros_like(rows_out[:, :1]), rows_out], dim=1)  # [B, T-r]
+    src_t, dst_t = src + off, dst + off
+
+    size_BT = state.size
+    size_total = size_BT.scatter_add(1, dst_t, size_BT.gather(1, src_t))  # [B, T]; stale at src (dropped)
+    wdtype = torch.promote_types(tokens_BTC.dtype, size_BT.dtype)  # float32 at least, float64 for float64 tokens
+    weight = size_BT.gather(1, src_t).to(wdtype) / size_total.gather(1, dst_t).to(wdtype)  # [B, r]
+
+    # x_dst + Σ_src (s_src / s_total)(x_src − x_dst) is the size-weighted mean, exact when the merged tokens are
+    # identical, and leaves unmerged tokens bit-for-bit untouched. Row copies go through index_select/index_add_ on
+    # the flattened [B·T, C] view: much faster than gather/scatter with an index expanded over C.
+    flat = tokens_BTC.reshape(batch * num_tokens, channels)
+    row0 = torch.arange(batch, device=src.device).unsqueeze(1)
+    x_src = flat.index_select(0, (src_t + row0 * num_tokens).flatten())  # [B·r, C]
+    x_dst = flat.index_select(0, (dst_t + row0 * num_tokens).flatten())
+    delta = weight.flatten().to(tokens_BTC.dtype).unsqueeze(-1) * (x_src - x_dst)
+    out = flat.index_select(0, (rows_out + row0 * num_tokens).flatten())  # [B·(T-r), C]
+    dst_out = new_index.gather(1, dst) + off + row0 * (num_tokens - r)  # [B, r] output row of each partner
+    out = out.index_add_(0, dst_out.flatten(), delta).view(batch, num_tokens - r, channels)
+
+    return MergeState(
+        tokens=out,
+        size=size_total.gather(1, rows_out),
+        assignment=new_of_old.gather(1, state.assignment),
+        has_cls=state.has_cls,
+        first_position=first_new.gather(1, order),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dense views of the assignment
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def group_sizes(assignment: Tensor, *, num_groups: int) -> Tensor:
+    """``[B, K]`` int64 number of positions in each group of ``assignment`` ``[B, L]``."""
+    counts = torch.zeros(assignment.shape[0], num_groups, dtype=torch.int64, device=assignment.device)
+    return counts.scatter_add_(1, assignment, torch.ones_like(assignment))
+
+
+def source_matrix(assignment: Tensor, *, num_groups: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Dense one-hot source matrix ``S`` ``[B, K, L]`` with ``S[b, k, l] = 1`` iff ``assignment[b, l] == k``."""
+    batch, num_positions = assignment.shape
+    dense = torch.zeros(batch, num_groups, num_positions, dtype=dtype, device=assignment.device)
+    return dense.scatter_(1, assignment.unsqueeze(1), 1)
+
+
+def unmerge(tokens: Tensor, assignment: Tensor) -> Tensor:
+    """Copy each group's token back to all its positions: ``[B, K, C] -> [B, L, C]`` (``= Sᵀ Z_K``, as a gather)."""
+    return tokens.gather(1, assignment.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Merge schedules
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def merge_schedule(*, num_tokens: int, target: int, num_layers: int, kind: str = "linear") -> list[int]:
+    """Per-layer merge counts taking ``num_tokens`` (L) non-CLS tokens down to exactly ``target`` (K).
+
+    Kinds:
+        ``"linear"``: the authors' released schedule. For an integer base ``r`` the layers get
+            ``int(min_val + step·i)`` with ``min_val = int(1.5r)``, ``max_val = 2r − min_val``,
+            ``step = (max_val − min_val)/(num_layers − 1)`` (a linear decrease from 1.5r to 0.5r). The base ``r``
+            whose sum is closest to ``L − K`` is used (ties: the smaller ``r``) and the remainder, of either sign,
+            goes to layer 0.
+        ``"constant"``: ``L − K`` spread evenly; the first ``(L − K) mod num_layers`` layers take one more.
+        ``"square"``: our reading of the paper's "square decreasing" schedule (App. A.1): ``r_i ∝ (num_layers − i)²``,
+            rounded by largest remainders (ties: earlier layer).
+
+    Every schedule then goes through one deterministic repair pass that keeps each layer within
+    ``0 <= r_i <= N_i // 2`` (``N_i`` the running count) and never overshoots ``K``; it changes nothing for schedules
+    that already satisfy this (e.g. all the paper's). Excess that a layer cannot take moves to later layers, and a
+    layer takes more than asked when the remaining layers could not otherwise reach ``K`` under the cap. The sum is
+    always exactly ``L − K``.
+
+    Raises:
+        ValueError: for an unknown kind, ``K`` outside ``[1, L]``, ``num_layers < 1``, or when ``L > K·2^num_layers``
+            (the 50% cap cannot reach ``K`` in that many layers).
+    """
+    if kind not in SCHEDULE_KINDS:
+        raise ValueError(f"unknown schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if not 1 <= target <= num_tokens:
+        raise ValueError(f"target K={target} must lie in [1, L={num_tokens}]")
+    if num_tokens > target * 2**num_layers:
+        raise ValueError(
+            f"cannot merge L={num_tokens} tokens down to K={target} in num_layers={num_layers} layers: at most half "
+            f"of the tokens merge per layer, so K >= ceil(L / 2^num_layers) is required"
+        )
+    total = num_tokens - target
+    if kind == "linear":
+        desired = _linear_schedule(total=total, num_layers=num_layers)
+    elif kind == "constant":
+        base, extra = divmod(total, num_layers)
+        desired = [base + 1] * extra + [base] * (num_layers - extra)
+    else:
+        desired = _square_schedule(total=total, num_layers=num_layers)
+    return _repair_schedule(desired, num_tokens=num_tokens, target=target)
+
+
+def _linear_values(r: int, num_layers: int) -> list[int]:
+    """The linear 1.5r → 0.5r decrease, truncated to integers exactly as the release computes it."""
+    min_val = int(r * 1.5)
+    max_val = 2 * r - min_val
+    step = (max_val - min_val) / (num_layers - 1)
+    return [int(min_val + step * i) for i in range(num_layers)]
+
+
+def _linear_schedule(*, total: int, num_layers: int) -> list[int]:
+    if num_layers == 1:
+        return [total]
+    # The average layer value is about r - 1, so bases beyond 2·total/layers + 2 only get further from the total.
+    best = min(range(2 * total // num_layers + 3), key=lambda r: (abs(sum(_linear_values(r, num_layers)) - total), r))
+    values = _linear_values(best, num_layers)
+    values[0] += total - sum(values)
+    return values
+
+
+def _square_schedule(*, total: int, num_layers: int) -> list[int]:
+    weights = [(num_layers - i) ** 2 for i in range(num_layers)]
+    ideal = [total * w / sum(weights) for w in weights]
+    values = [int(v) for v in ideal]
+    by_remainder = sorted(range(num_layers), key=lambda i: (-(ideal[i] - values[i]), i))
+    for i in by_remainder[: total - sum(values)]:
+        values[i] += 1
+    return values
+
+
+def _repair_schedule(desired: list[int], *, num_tokens: int, target: int) -> list[int]:
+    """Clamp each layer into its feasible range, carrying the difference (either sign) to the next layer.
+
+    Layer i with running count N may take r in [lo, hi]: hi = min(N // 2, N − K); lo = max(0, N − K·2^m) with m the
+    layers left after it, because m further halvings reach K only from at most K·2^m tokens. The last layer has
+    lo = hi = N − K, so the total is exact.
+    """
+    schedule = []
+    count, carry = num_tokens, 0
+    for i, want in enumerate(desired):
+        layers_left = len(desired) - 1 - i
+        lo = max(0, count - target * 2**layers_left)
+        hi = min(count // 2, count - target)
+        take = min(max(want + carry, lo), hi)
+        carry += want - take
+        schedule.append(take)
+        count -= take
+    return schedule
