@@ -1,3 +1,20 @@
-"""MergeVQ: a visual tokenizer that merges ViT tokens, quantizes them lookup-free and recovers the full grid."""
+"""MergeVQ: a visual tokenizer that merges ViT tokens, quantizes them lookup-free and recovers the full grid.
+
+>>> from mergevq import MergeVQ
+>>> tok = MergeVQ.from_preset("tiny-32")
+"""
+
+from mergevq.config import PRESETS, TokenizerConfig, get_preset, preset_names
+from mergevq.tokenizer.model import Encoded, MergeVQ, TokenizerOutput
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "Encoded",
+    "MergeVQ",
+    "TokenizerConfig",
+    "TokenizerOutput",
+    "get_preset",
+    "preset_names",
+]
