@@ -11,7 +11,11 @@ import importlib
 import sys
 
 # Modules that register sub-commands, in the order they appear in ``mergevq --help``.
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = (
+    "mergevq.train.tokenizer",
+    "mergevq.commands.reconstruct",
+    "mergevq.commands.encode",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,172 @@
+"""``mergevq encode``: turn an image folder into a stage-2 token file (indices, assignments, labels, metadata).
+
+One K per file: the generators train on a fixed number of merged tokens, and they read one file per split, so
+encoding at several K means running the command once per K (``--output tokens_k36.safetensors`` and so on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergevq.commands.common import (
+    CommandError,
+    HelpFormatter,
+    add_device_argument,
+    check_num_tokens,
+    load_model,
+    one_line_skip_warnings,
+    positive_int,
+    progress,
+    report_error,
+    resolve_device,
+)
+from mergevq.data.images import ImageDataset, make_loader
+from mergevq.data.tokens import save_tokens
+from mergevq.data.transforms import eval_transform
+
+__all__ = ["register", "run"]
+
+COMMAND = "encode"
+
+_EXAMPLES = """\
+examples:
+  mergevq encode --model runs/tiny32/export --data data/cifar10/train --num-tokens 36 --output tok/train_k36.safetensors
+  mergevq encode --model runs/tiny32/export --data data/cifar10/test --num-tokens 36 --output tok/val_k36.safetensors \\
+      --split-name val --batch-size 256 --num-workers 8
+
+The file holds indices [N,K], assignment [N,L] (merged token of each grid position) and labels [N] (-1 for a flat
+folder), in the dataset's sorted order. Images are resized (shorter side) and center-cropped to the model's image
+size. Unreadable files are skipped with a warning and counted in the metadata. One K per file: run the command once
+per K you want (stage 2 reads one K per file).
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        COMMAND,
+        help="encode an image folder into a token file for stage-2 training",
+        description=(
+            "Encode every image under --data with the MergeVQ tokenizer at K merged tokens and write the codebook\n"
+            "indices, the assignment of each grid position and the class labels to one safetensors token file."
+        ),
+        epilog=_EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--model", metavar="DIR", required=True, help="model directory written by save_pretrained")
+    parser.add_argument("--data", metavar="DIR", required=True, help="ImageFolder (class sub-folders) or flat folder")
+    parser.add_argument(
+        "--num-tokens",
+        metavar="K",
+        type=int,
+        nargs="+",
+        required=True,
+        help="merged tokens per image, in [1, L]; one value (one K per token file)",
+    )
+    parser.add_argument("--output", metavar="FILE", required=True, help="token file to write (.safetensors)")
+    parser.add_argument("--batch-size", metavar="N", type=positive_int, default=64, help="images encoded at once")
+    parser.add_argument(
+        "--num-workers",
+        metavar="N",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="data-loading worker processes (0 decodes in the main process)",
+    )
+    parser.add_argument(
+        "--max-images",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="an evenly strided subset of N images, every class kept (default: all)",
+    )
+    parser.add_argument(
+        "--split-name", metavar="NAME", default=None, help="split recorded in the metadata (default: the folder name)"
+    )
+    add_device_argument(parser)
+    parser.set_defaults(func=run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if len(args.num_tokens) != 1:
+        raise CommandError(
+            f"--num-tokens takes one K per token file, got {args.num_tokens}; run encode once per K "
+            "(stage 2 reads one K per file)"
+        )
+    if args.num_workers < 0:
+        raise CommandError(f"--num-workers must be >= 0, got {args.num_workers}")
+    device = resolve_device(args.device)
+    model = load_model(model_dir=args.model, device=device)
+    config = model.config
+    (k,) = check_num_tokens(args.num_tokens, model=model)
+    root = Path(args.data).expanduser()
+    try:
+        dataset = ImageDataset(root, transform=eval_transform(config.image_size), max_images=args.max_images)
+    except (OSError, ValueError) as exc:
+        raise CommandError(str(exc)) from exc
+    loader = make_loader(
+        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers, seed=0, drop_last=False
+    )
+
+    # With no shuffle, row p of the stream is sample p. The dataset replaces an unreadable sample by the next readable
+    # one (returning that one's index), so a row whose index differs from its position is a duplicate: drop it.
+    indices, assignments, labels, keep = [], [], [], []
+    skipped: list[str] = []
+    position = 0
+    try:
+        with torch.inference_mode(), one_line_skip_warnings(COMMAND):
+            for batch in progress(loader, total=len(loader), desc=COMMAND, unit="batch"):
+                encoded = model.encode(batch["image"].to(device, non_blocking=True), num_tokens=k)
+                indices.append(encoded.indices.cpu())
+                assignments.append(encoded.assignment.cpu())
+                labels.append(batch["label"].cpu())
+                for returned in batch["index"].tolist():
+                    ok = returned == position
+                    keep.append(ok)
+                    if not ok:
+                        skipped.append(dataset.samples[position][0].relative_to(root).as_posix())
+                    position += 1
+    except RuntimeError as exc:
+        if "could be decoded" in str(exc):  # every file is unreadable (the text may carry a worker's traceback)
+            raise CommandError(f"none of the {len(dataset)} image files under {root} could be decoded", code=1) from exc
+        raise
+    mask = torch.tensor(keep, dtype=torch.bool)
+    indices_nk = torch.cat(indices)[mask]
+    assignment_nl = torch.cat(assignments)[mask]
+    labels_n = torch.cat(labels)[mask]
+
+    grid = (config.grid_size, config.grid_size)
+    meta: dict[str, Any] = {
+        "tokenizer": config.name,
+        "tokenizer_config": config.to_dict(),
+        "model_dir": str(Path(args.model).expanduser().resolve()),
+        "num_tokens": int(indices_nk.shape[1]),
+        "num_positions": config.num_tokens_full,
+        "grid": list(grid),
+        "codebook_bits": config.codebook_bits,
+        "vocab_size": 2**config.codebook_bits,
+        "image_size": config.image_size,
+        "transform": "resize shorter side (bilinear) + center crop",
+        "dataset_root": str(root.resolve()),
+        "split": args.split_name or root.resolve().name,
+        "class_names": list(dataset.classes),
+        "num_classes": len(dataset.classes),
+        "num_images": int(indices_nk.shape[0]),
+        "max_images": args.max_images,
+        "num_skipped": len(skipped),
+        "skipped_files": skipped,
+    }
+    path = save_tokens(args.output, indices=indices_nk, assignment=assignment_nl, labels=labels_n, meta=meta)
+    note = f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""
+    print(f"wrote {meta['num_images']} image(s) x K={k} tokens (L={config.num_tokens_full}) to {path}{note}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except CommandError as error:
+        return report_error(COMMAND, error)
