@@ -15,6 +15,8 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mergevq.train.tokenizer",
     "mergevq.commands.reconstruct",
     "mergevq.commands.encode",
+    "mergevq.commands.evaluate",
+    "mergevq.commands.benchmark",
 )
 
 

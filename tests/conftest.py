@@ -6,8 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One BLAS/OpenMP thread per test process: tests start DDP workers and DataLoader workers beside the main process, and
+# on a 2-core machine oversubscribed OpenMP threads spin against each other (small ops then run 10-80x slower).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 _DEFAULT_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
@@ -15,6 +20,9 @@ _DEFAULT_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "ci
 def cifar10_path() -> Path:
     """Where the CIFAR-10 ImageFolder lives (``MERGEVQ_CIFAR10``, else ``../shared/data/cifar10``)."""
     return Path(os.environ.get("MERGEVQ_CIFAR10", _DEFAULT_CIFAR10))
+
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

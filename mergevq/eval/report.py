@@ -1,0 +1,676 @@
+"""Result files → markdown tables, PNG line plots and the results page (``scripts/make_results.py``).
+
+Result files are the JSON written by ``mergevq evaluate tokenizer|generator|probe`` and ``mergevq benchmark`` (a
+``"kind"`` field names which, ``"command"`` holds the command line that produced it), and the files of the
+``benchmarks/`` scripts (``{"name", "title", "machine", "rows", "extra"}``). Rendering is a pure function of the
+files: the page holds no generation date, so regenerating it from the same files gives the same bytes.
+Plots are drawn with Pillow (no plotting dependency).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = [
+    "ResultFile",
+    "benchmark_table",
+    "format_value",
+    "generator_table",
+    "line_plot",
+    "load_results",
+    "markdown_table",
+    "probe_table",
+    "render_results_page",
+    "save_result",
+    "to_json_value",
+    "tokenizer_table",
+]
+
+KINDS = ("tokenizer_eval", "probe_eval", "generator_eval", "benchmark")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Result files
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def to_json_value(value: Any) -> Any:
+    """Plain JSON data: non-finite floats → None (JSON has no inf/NaN), tuples → lists, paths and NumPy → Python."""
+    if isinstance(value, Mapping):
+        return {str(k): to_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def save_result(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` as indented JSON at ``path`` (parent folders created)."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_json_value(payload), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        kind = self.data.get("kind")
+        if kind in KINDS:
+            return kind
+        if {"name", "rows"} <= set(self.data):
+            return "benchmark_script"
+        return "unknown"
+
+    @property
+    def untrained(self) -> bool:
+        weights = str(self.data.get("model", {}).get("weights", ""))
+        return weights.startswith("random")
+
+
+def load_results(paths: Iterable[str | Path]) -> list[ResultFile]:
+    """Read result JSON files (duplicates dropped, order kept); a file that is not JSON raises ``ValueError``."""
+    out: list[ResultFile] = []
+    seen: set[Path] = set()
+    for p in paths:
+        path = Path(p)
+        if path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not a JSON file: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} does not hold a JSON object")
+        out.append(ResultFile(path, data))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Markdown tables
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def format_value(value: Any, *, digits: int = 4) -> str:
+    """Compact cell text: None → "n/a", floats to ``digits`` significant digits, large ones without exponent."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and abs(value) >= 10**digits:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(format_value(v, digits=digits) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def markdown_table(*, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return (v if isinstance(v, str) else format_value(v)).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fixed(value: Any, places: int) -> str:
+    return "n/a" if value is None else f"{value:.{places}f}"
+
+
+def tokenizer_table(data: Mapping[str, Any]) -> str:
+    """K | merged | PSNR | SSIM | LPIPS | rFID | usage | perplexity, from a ``tokenizer_eval`` payload."""
+    rows = []
+    for r in data["results"]:
+        psnr = _fixed(r["psnr"], 2)
+        if r.get("psnr_num_inf"):
+            psnr += f" (+{r['psnr_num_inf']} inf)"
+        rows.append(
+            [
+                str(r["num_tokens"]),
+                str(r["merged_tokens"]),
+                psnr,
+                _fixed(r["ssim"], 4),
+                _fixed(r.get("lpips"), 4),
+                _fixed(r.get("rfid"), 2),
+                f"{r['codebook_usage']:.3e}" if r.get("codebook_usage") is not None else "n/a",
+                str(r["codebook_used_codes"]),
+                _fixed(r.get("codebook_perplexity"), 1),
+            ]
+        )
+    header = ["K", "merged", "PSNR (dB)", "SSIM", "LPIPS", "rFID", "usage", "codes used", "perplexity"]
+    return markdown_table(header=header, rows=rows)
+
+
+def probe_table(data: Mapping[str, Any]) -> str:
+    """K | features | linear top-1 | k-NN top-1 | train top-1, from a ``probe_eval`` payload (accuracies in %)."""
+    rows = []
+    for r in data["results"]:
+        for name, label in (("cls", "CLS"), ("mean_tokens", "mean of merged tokens")):
+            f = r[name]
+            rows.append(
+                [
+                    str(r["num_tokens"]),
+                    label,
+                    _percent(f["linear_top1"]),
+                    _percent(f.get("linear_top5")),
+                    _percent(f["knn_top1"]),
+                    _percent(f.get("linear_train_top1")),
+                ]
+            )
+    knn = f"k-NN top-1 (%), k={data['knn_k']}"
+    header = ["K", "features", "linear top-1 (%)", "linear top-5 (%)", knn, "linear train top-1 (%)"]
+    return markdown_table(header=header, rows=rows)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def generator_table(data: Mapping[str, Any]) -> str:
+    """FID | precision | recall | IS | counts, from a ``generator_eval`` payload; unavailable metrics say so."""
+    m = data["metrics"]
+    is_text = "n/a" if m["inception_score"] is None else f"{m['inception_score']:.2f} ± {m['inception_score_std']:.2f}"
+    row = [
+        _fixed(m["fid"], 3),
+        _fixed(m["precision"], 4),
+        _fixed(m["recall"], 4),
+        is_text,
+        str(data["samples"]["num_images"]),
+        str(data["reference"]["num_images"] if data["reference"]["num_images"] is not None else "n/a"),
+    ]
+    header = ["FID", "precision", "recall", "IS", "samples", "reference"]
+    return markdown_table(header=header, rows=[row])
+
+
+_PHASES = (("encode", "encode"), ("decode", "decode"), ("encode_decode", "encode+decode"), ("train_step", "train step"))
+
+
+def benchmark_table(data: Mapping[str, Any]) -> str:
+    """Per K: median images/s (and median ms per batch) of each phase, from a ``benchmark`` payload."""
+    phases = [(key, label) for key, label in _PHASES if any(key in r["phases"] for r in data["rows"])]
+    # Shared machines drift: a ratio to a K measured in the same run is more telling than an absolute figure.
+    largest = max(data["rows"], key=lambda r: r["num_tokens"])
+    base = largest["phases"].get("encode_decode")
+    header = ["K"] + [f"{label} img/s (ms/batch)" for _, label in phases]
+    if base is not None and len(data["rows"]) > 1:
+        header.append(f"encode+decode speed vs K={largest['num_tokens']}")
+    rows = []
+    for r in data["rows"]:
+        row = [str(r["num_tokens"])]
+        for key, _ in phases:
+            t = r["phases"].get(key)
+            row.append("n/a" if t is None else f"{_g4(t['items_per_s']['median'])} ({_g4(t['median_ms'])})")
+        if len(header) > len(row):
+            both = r["phases"].get("encode_decode")
+            row.append("n/a" if both is None else f"{base['median_ms'] / both['median_ms']:.2f}×")
+        rows.append(row)
+    return markdown_table(header=header, rows=rows)
+
+
+def _g4(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+
+
+def _generic_table(data: Mapping[str, Any]) -> str:
+    rows = data.get("rows") or []
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    return markdown_table(header=columns, rows=[[r.get(c) for c in columns] for r in rows])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Line plots with Pillow
+# ----------------------------------------------------------------------------------------------------------------------
+
+_COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75))
+
+
+@lru_cache(maxsize=4)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable font (Pillow >= 10.1 with FreeType)
+    except (TypeError, OSError, ImportError, AttributeError):
+        return ImageFont.load_default()
+
+
+def _nice_ticks(low: float, high: float, *, count: int = 5) -> list[float]:
+    """Round tick values (1, 2, 5 × 10^n steps) covering ``[low, high]``."""
+    if high <= low:
+        return [low]
+    raw = (high - low) / max(count - 1, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.ceil(low / step - 1e-9) * step
+    ticks = []
+    value = first
+    while value <= high + 1e-9 * step:
+        ticks.append(round(value, 12))
+        value += step
+    return ticks
+
+
+def _log_ticks(low: float, high: float) -> list[float]:
+    ticks = []
+    for exponent in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1):
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10.0**exponent
+            if low * (1 - 1e-9) <= value <= high * (1 + 1e-9):
+                ticks.append(value)
+    return ticks
+
+
+def _tick_label(value: float) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) >= 1e5 or abs(value) < 1e-3:
+        return f"{value:.0e}"
+    return f"{value:.6g}"
+
+
+def line_plot(
+    path: str | Path,
+    *,
+    title: str,
+    x_label: str,
+    y_label: str,
+    series: Mapping[str, Sequence[tuple[float, float | None]]],
+    log_x: bool = False,
+    log_y: bool = False,
+    size: tuple[int, int] = (800, 440),
+) -> Path:
+    """Draw ``series`` (name → [(x, y)], y None for a gap) as lines with markers and write a PNG at ``path``.
+
+    X ticks sit at the data's x values (the K values of a sweep); y ticks are round numbers. Log axes need
+    positive values (non-positive points are dropped there).
+    """
+    points = {
+        name: [
+            (float(x), None if y is None or not math.isfinite(y) or (log_y and y <= 0) else float(y))
+            for x, y in values
+            if not (log_x and x <= 0)
+        ]
+        for name, values in series.items()
+    }
+    xs = sorted({x for values in points.values() for x, _ in values})
+    ys = [y for values in points.values() for _, y in values if y is not None]
+    if not xs:
+        raise ValueError("nothing to plot: no x values")
+
+    width, height = size
+    font, small = _font(15), _font(13)
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    # The legend gets its own column right of the axes, so it never hides a line.
+    legend = len(points) > 1  # one series: the y label names it
+    legend_w = int(max(draw.textlength(name, font=small) for name in points)) + 44 if legend else 0
+    left, right, top, bottom = 88, 24 + legend_w, 44, 64
+
+    fx = (lambda v: math.log2(v)) if log_x else (lambda v: v)
+    fy = (lambda v: math.log10(v)) if log_y else (lambda v: v)
+    x_lo, x_hi = fx(xs[0]), fx(xs[-1])
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    x_pad = 0.05 * (x_hi - x_lo)
+    x_lo, x_hi = x_lo - x_pad, x_hi + x_pad
+    if ys:
+        y_min, y_max = min(ys), max(ys)
+    else:
+        y_min, y_max = (1.0, 10.0) if log_y else (0.0, 1.0)
+    if log_y:
+        y_ticks = _log_ticks(y_min, y_max) or [y_min, y_max]
+        y_lo = min(fy(y_min), fy(min(y_ticks))) - 0.05
+        y_hi = max(fy(y_max), fy(max(y_ticks))) + 0.05
+    else:
+        if y_max == y_min:
+            y_min, y_max = y_min - (abs(y_min) * 0.1 or 1.0), y_max + (abs(y_max) * 0.1 or 1.0)
+        y_pad = 0.08 * (y_max - y_min)
+        y_ticks = _nice_ticks(y_min - y_pad, y_max + y_pad, count=7)
+        y_lo, y_hi = min(y_min - y_pad, y_ticks[0]), max(y_max + y_pad, y_ticks[-1])
+
+    def px(x: float) -> float:
+        return left + (fx(x) - x_lo) / (x_hi - x_lo) * (width - left - right)
+
+    def py(y: float) -> float:
+        return height - bottom - (fy(y) - y_lo) / (y_hi - y_lo) * (height - top - bottom)
+
+    # Grid, ticks and labels.
+    for y in y_ticks:
+        yy = py(y)
+        if top - 1 <= yy <= height - bottom + 1:
+            draw.line([(left, yy), (width - right, yy)], fill=(225, 225, 225))
+            label = _tick_label(y)
+            draw.text((left - 8, yy), label, fill="black", font=small, anchor="rm")
+    for x in xs:
+        xx = px(x)
+        draw.line([(xx, top), (xx, height - bottom)], fill=(235, 235, 235))
+        draw.text((xx, height - bottom + 6), _tick_label(x), fill="black", font=small, anchor="ma")
+    draw.rectangle([(left, top), (width - right, height - bottom)], outline="black")
+    draw.text(((left + width - right) / 2, 12), title, fill="black", font=font, anchor="ma")
+    draw.text(((left + width - right) / 2, height - 26), x_label, fill="black", font=font, anchor="ma")
+    label_box = draw.textbbox((0, 0), y_label, font=font)
+    label_img = Image.new("RGB", (label_box[2] + 4, label_box[3] + 4), "white")
+    ImageDraw.Draw(label_img).text((2, 2), y_label, fill="black", font=font)
+    rotated = label_img.rotate(90, expand=True)
+    image.paste(rotated, (8, int((top + height - bottom) / 2 - rotated.height / 2)))
+
+    # Lines (broken at gaps) and markers.
+    for index, values in enumerate(points.values()):
+        color = _COLORS[index % len(_COLORS)]
+        segment: list[tuple[float, float]] = []
+        for x, y in sorted(values, key=lambda p: p[0]) + [(math.nan, None)]:
+            if y is None:
+                if len(segment) > 1:
+                    draw.line(segment, fill=color, width=2)
+                segment = []
+                continue
+            segment.append((px(x), py(y)))
+        for x, y in values:
+            if y is not None:
+                cx, cy = px(x), py(y)
+                draw.ellipse([(cx - 4, cy - 4), (cx + 4, cy + 4)], fill=color, outline=color)
+
+    # Legend, in its column right of the axes.
+    if legend:
+        line_h = 20
+        x0, y0 = width - right + 12, top
+        draw.rectangle(
+            [(x0, y0), (x0 + legend_w - 8, y0 + line_h * len(points) + 6)], fill="white", outline=(160, 160, 160)
+        )
+        for index, name in enumerate(points):
+            color = _COLORS[index % len(_COLORS)]
+            yy = y0 + 4 + line_h * index + line_h / 2
+            draw.line([(x0 + 6, yy), (x0 + 30, yy)], fill=color, width=2)
+            draw.ellipse([(x0 + 14, yy - 3), (x0 + 22, yy + 3)], fill=color)
+            draw.text((x0 + 36, yy), name, fill="black", font=small, anchor="lm")
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The results page
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _relative(path: Path, start: Path) -> str:
+    try:
+        return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+    except ValueError:  # another drive on Windows
+        return path.as_posix()
+
+
+def _machine_line(machine: Mapping[str, Any] | None) -> str:
+    if not machine:
+        return ""
+    parts = []
+    if machine.get("gpu") or machine.get("cuda"):
+        parts.append(str(machine.get("gpu") or machine.get("cuda")))
+    else:
+        cpu = machine.get("cpu")
+        cores = machine.get("logical_cpus")
+        threads = machine.get("torch_threads", machine.get("threads"))
+        parts.append(f"CPU {cpu}" + (f" ({cores} logical cores" if cores else "") + (")" if cores else ""))
+        if threads:
+            parts.append(f"{threads} torch thread(s)")
+    parts.append(f"torch {machine.get('torch')}")
+    if machine.get("date"):
+        parts.append(str(machine["date"]))
+    return "Measured on: " + ", ".join(parts) + "."
+
+
+def _command_block(command: str | None, *, what: str) -> str:
+    if not command:
+        return f"_{what}: no command recorded in the result file._"
+    return f"{what}:\n\n```\n{command}\n```"
+
+
+@dataclass
+class _Page:
+    output: Path
+    figures_dir: Path
+    base: Path
+    lines: list[str]
+
+    def add(self, *text: str) -> None:
+        self.lines.extend(text)
+
+    def figure(self, result: ResultFile, suffix: str, *, alt: str, **plot: Any) -> None:
+        path = line_plot(self.figures_dir / f"{result.path.stem}_{suffix}.png", **plot)
+        source = result.data.get("command")
+        self.add(f"![{alt}]({_relative(path, self.output.parent)})", "")
+        self.add(f"_Figure: {alt}. Data: `{_relative(result.path, self.base)}`, from `{source}`._", "")
+
+
+def _tokenizer_section(page: _Page, result: ResultFile) -> None:
+    d = result.data
+    model, data = d["model"], d["data"]
+    page.add(f"### Reconstruction: {model['preset']} on `{data['root']}`", "")
+    weights = "**untrained (random initialisation)**" if result.untrained else f"weights from `{model['source']}`"
+    page.add(
+        f"{data['num_images']} images at {data['image_size']}×{data['image_size']}, model `{model['preset']}` "
+        f"({weights}). {_machine_line(d.get('machine'))}",
+        "",
+    )
+    page.add(tokenizer_table(d), "")
+    for warning in d.get("warnings", []):
+        page.add(f"> Warning: {warning}", "")
+    ks = [r["num_tokens"] for r in d["results"]]
+    if len(ks) > 1:
+        name = model["preset"]
+        page.figure(
+            result,
+            "psnr",
+            alt=f"PSNR vs K ({name}, {data['num_images']} images)",
+            title=f"Reconstruction PSNR vs K ({name})",
+            x_label="K (merged tokens)",
+            y_label="PSNR (dB)",
+            series={"PSNR": [(r["num_tokens"], r["psnr"]) for r in d["results"]]},
+            log_x=True,
+        )
+        if any(r.get("rfid") is not None for r in d["results"]):
+            page.figure(
+                result,
+                "rfid",
+                alt=f"rFID vs K ({name}, {data['num_images']} images)",
+                title=f"rFID vs K ({name}, {data['num_images']} images)",
+                x_label="K (merged tokens)",
+                y_label="rFID",
+                series={"rFID": [(r["num_tokens"], r.get("rfid")) for r in d["results"]]},
+                log_x=True,
+            )
+    defs = d.get("definitions", {})
+    if defs:
+        page.add("<details><summary>Metric definitions</summary>", "")
+        page.add(*[f"- **{k}**: {v}" for k, v in defs.items()], "", "</details>", "")
+    page.add(_command_block(d.get("command"), what="Produced by"), "")
+
+
+def _probe_section(page: _Page, result: ResultFile) -> None:
+    d = result.data
+    model = d["model"]
+    weights = "**untrained (random initialisation)**" if result.untrained else f"weights from `{model['source']}`"
+    page.add(f"### Linear probe and k-NN: {model['preset']}", "")
+    page.add(
+        f"{d['train']['num_images']} training / {d['test']['num_images']} test images from `{d['train']['root']}` "
+        f"and `{d['test']['root']}`, model `{model['preset']}` ({weights}). {_machine_line(d.get('machine'))}",
+        "",
+    )
+    page.add(probe_table(d), "")
+    if len(d["results"]) > 1:
+        page.figure(
+            result,
+            "probe",
+            alt=f"probe accuracy vs K ({model['preset']})",
+            title=f"Probe top-1 vs K ({model['preset']})",
+            x_label="K (merged tokens)",
+            y_label="top-1 accuracy (%)",
+            series={
+                f"{feat} {how}": [(r["num_tokens"], 100 * r[key][metric]) for r in d["results"]]
+                for key, feat in (("cls", "CLS"), ("mean_tokens", "mean tokens"))
+                for metric, how in (("linear_top1", "linear"), ("knn_top1", "k-NN"))
+            },
+            log_x=True,
+        )
+    defs = d.get("definitions", {})
+    if defs:
+        page.add(*[f"- **{k}**: {v}" for k, v in defs.items()], "")
+    page.add(_command_block(d.get("command"), what="Produced by"), "")
+
+
+def _generator_section(page: _Page, result: ResultFile) -> None:
+    d = result.data
+    page.add(f"### FID: `{d['samples']['source']}` vs `{d['reference']['source']}`", "")
+    page.add(
+        f"Samples: {d['samples']['num_images']} images ({d['samples']['format']}); reference: "
+        f"{d['reference']['num_images']} ({d['reference']['format']}). {_machine_line(d.get('machine'))}",
+        "",
+    )
+    page.add(generator_table(d), "")
+    for name, reason in d["metrics"].get("unavailable", {}).items():
+        page.add(f"- `{name}` not reported: {reason}")
+    page.add("")
+    for warning in d.get("warnings", []):
+        page.add(f"> Warning: {warning}", "")
+    page.add(_command_block(d.get("command"), what="Produced by"), "")
+
+
+def _benchmark_section(page: _Page, result: ResultFile) -> None:
+    d = result.data
+    model, settings = d["model"], d["settings"]
+    page.add(f"### Speed: {model['preset']}, batch {settings['batch_size']}, {settings['device']}", "")
+    page.add(
+        f"Median of {settings['repeats']} timed calls after {settings['warmup']} warm-up call(s), "
+        f"{settings['image_size']}×{settings['image_size']} inputs, {settings['precision']}. "
+        f"{_machine_line(d.get('machine'))}",
+        "",
+    )
+    page.add(benchmark_table(d), "")
+    if d.get("notes"):
+        page.add(*[f"- {n}" for n in d["notes"]], "")
+    if len(d["rows"]) > 1:
+        series = {
+            label: [
+                (r["num_tokens"], r["phases"][key]["items_per_s"]["median"] if key in r["phases"] else None)
+                for r in d["rows"]
+            ]
+            for key, label in _PHASES
+            if any(key in r["phases"] for r in d["rows"])
+        }
+        values = [y for pts in series.values() for _, y in pts if y]
+        page.figure(
+            result,
+            "speed",
+            alt=f"images/s vs K ({model['preset']}, batch {settings['batch_size']}, {settings['device']})",
+            title=f"Throughput vs K ({model['preset']}, batch {settings['batch_size']}, {settings['device']})",
+            x_label="K (merged tokens)",
+            y_label="images / s (median)",
+            series=series,
+            log_x=True,
+            log_y=bool(values) and max(values) / min(values) > 20,
+        )
+    page.add(_command_block(d.get("command"), what="Produced by"), "")
+
+
+def _script_section(page: _Page, result: ResultFile) -> None:
+    d = result.data
+    page.add(f"### {d.get('title') or d['name']}", "")
+    machine = _machine_line(d.get("machine"))
+    if machine:
+        page.add(machine, "")
+    page.add(_generic_table(d), "")
+    page.add(f"Data: `{_relative(result.path, page.base)}`.", "")
+    page.add(_command_block(_script_command(page.base, result), what="Produced by"), "")
+
+
+def _script_command(base: Path, result: ResultFile) -> str | None:
+    name = result.data.get("name")
+    return f"python benchmarks/bench_{name}.py" if (base / "benchmarks" / f"bench_{name}.py").is_file() else None
+
+
+_SECTIONS = (
+    ("tokenizer_eval", "Tokenizer reconstruction", _tokenizer_section),
+    ("probe_eval", "Representation (frozen encoder)", _probe_section),
+    ("generator_eval", "Generation metrics", _generator_section),
+    ("benchmark", "Tokenizer speed (`mergevq benchmark`)", _benchmark_section),
+    ("benchmark_script", "Component benchmarks (`benchmarks/`)", _script_section),
+)
+
+
+def render_results_page(
+    *,
+    results: Sequence[ResultFile],
+    output: str | Path,
+    figures_dir: str | Path,
+    base: str | Path,
+    title: str = "MergeVQ results",
+    notes: Sequence[str] = (),
+    generator_command: str | None = None,
+) -> str:
+    """Markdown of the results page; figures are written to ``figures_dir`` as a side effect.
+
+    ``output`` is where the page will live (image links are relative to it); ``base`` is the folder paths are shown
+    relative to (the repository root); ``generator_command`` is the command that rebuilds the page.
+    """
+    page = _Page(output=Path(output), figures_dir=Path(figures_dir), base=Path(base), lines=[])
+    page.add(f"# {title}", "")
+    if generator_command:
+        page.add(f"Generated by `{generator_command}` from the result files below; do not edit by hand.", "")
+    untrained = [r for r in results if r.untrained]
+    if untrained:
+        page.add(
+            "> **The tokenizer evaluated here is untrained (random initialisation).** Its reconstruction, probe and "
+            "speed figures check that the evaluation pipeline runs end to end; they say nothing about the quality of "
+            "the MergeVQ method. Speed does not depend on the weights.",
+            "",
+        )
+    for note in notes:
+        page.add(f"> {note}", "")
+    unknown = [r for r in results if r.kind == "unknown"]
+    for kind, heading, render in _SECTIONS:
+        chosen = [r for r in results if r.kind == kind]
+        if not chosen:
+            continue
+        page.add(f"## {heading}", "")
+        for result in chosen:
+            render(page, result)
+    for result in unknown:
+        page.add(f"_Skipped `{_relative(result.path, page.base)}`: not a known result file._", "")
+
+    commands = [r.data["command"] for r in results if r.data.get("command")]
+    commands += [c for r in results if r.kind == "benchmark_script" and (c := _script_command(page.base, r))]
+    if commands or generator_command:
+        page.add("## Reproduce", "", "```")
+        page.add(*commands)
+        if generator_command:
+            page.add(generator_command)
+        page.add("```", "")
+    return "\n".join(page.lines).rstrip() + "\n"

@@ -1,0 +1,394 @@
+"""``mergevq evaluate tokenizer|generator|probe`` and ``mergevq benchmark`` on real CIFAR-10 images."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import glob
+import json
+import math
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mergevq.cli
+from mergevq import MergeVQ
+from mergevq.commands import benchmark, evaluate
+from mergevq.eval.fid import InceptionFeatures, load_statistics
+from mergevq.eval.tokenizer_eval import GaussianAccumulator
+
+COMMAND_MODULES = ("mergevq.commands.evaluate", "mergevq.commands.benchmark")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergevq")
+    subparsers = parser.add_subparsers(dest="command")
+    evaluate.register(subparsers)
+    benchmark.register(subparsers)
+    return parser
+
+
+def cli(*argv: str | Path) -> int:
+    args = _parser().parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+def _openblas_threads(count: int | None) -> int | None:
+    """Set NumPy's OpenBLAS thread count (returns the previous one; None where the library is not found).
+
+    The 2048-d eigen-decompositions of FID take ~1 s on one thread but 10-30 s with two threads spinning on
+    shared, busy cores.
+    """
+    pattern = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "libscipy_openblas*.so")
+    for path in glob.glob(pattern):
+        lib = ctypes.CDLL(path)
+        get = getattr(lib, "scipy_openblas_get_num_threads64_", None)
+        put = getattr(lib, "scipy_openblas_set_num_threads64_", None)
+        if get is None or put is None:
+            continue
+        previous = int(get())
+        if count is not None:
+            put(count)
+        return previous
+    return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    blas = _openblas_threads(1)
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+    if blas is not None:
+        _openblas_threads(blas)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return MergeVQ.from_preset("tiny-32").save_pretrained(tmp_path_factory.mktemp("model"))
+
+
+class _PooledFeatures(torch.nn.Module):
+    """A cheap stand-in for the FID Inception (48-d pooled pixels): the pipeline is the same, FID takes ms."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+def _pooled_inception(*, weights, device, batch_size) -> InceptionFeatures:
+    return InceptionFeatures(network=_PooledFeatures(), device=device, batch_size=batch_size)
+
+
+@pytest.fixture
+def pooled_features(monkeypatch) -> None:
+    monkeypatch.setattr(evaluate, "_inception", _pooled_inception)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_runs(cifar10_root: Path, model_dir: Path, tmp_path_factory) -> dict[int, dict]:
+    """The same 8 test images evaluated at K = 16, 64 with batch sizes 3 and 8 (stand-in FID features)."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    runs = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate, "_inception", _pooled_inception)
+        for batch_size in (3, 8):
+            path = out / f"batch{batch_size}.json"
+            rc = cli(
+                "evaluate", "tokenizer", "--model", model_dir, "--data", cifar10_root / "test",
+                "--num-tokens", "16", "64", "--max-images", "8", "--batch-size", batch_size, "--output", path,
+            )  # fmt: skip
+            assert rc == 0
+            runs[batch_size] = json.loads(path.read_text())
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluate tokenizer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_json_contents(tokenizer_runs: dict[int, dict], model_dir: Path) -> None:
+    data = tokenizer_runs[3]
+    assert data["kind"] == "tokenizer_eval"
+    assert data["command"].startswith("mergevq evaluate tokenizer --model ")
+    assert data["model"]["preset"] == "tiny-32" and data["model"]["weights"] == "pretrained"
+    assert data["model"]["config"]["image_size"] == 32
+    assert data["data"]["num_images"] == 8 and data["data"]["image_size"] == 32
+    assert data["num_tokens"] == [16, 64]
+    assert {"psnr", "ssim", "lpips", "rfid", "codebook_usage", "codebook_perplexity"} <= set(data["definitions"])
+    assert "data range [-1,1]" in data["definitions"]["psnr"]
+    assert any("biased upward" in w for w in data["warnings"])  # 8 images < 2048
+    assert {"total", "inception_originals"} <= set(data["timings"])
+    assert data["machine"]["torch"] == torch.__version__
+    for row, k in zip(data["results"], (16, 64)):
+        assert row["num_tokens"] == k and row["merged_tokens"] == k
+        assert math.isfinite(row["psnr"]) and row["psnr_num_finite"] == 8 and row["psnr_num_inf"] == 0
+        assert -1.0 <= row["ssim"] <= 1.0
+        assert row["lpips"] >= 0.0
+        assert math.isfinite(row["rfid"]) and row["rfid"] > 0.0
+        assert 0.0 < row["codebook_usage"] <= 1.0
+        assert row["codebook_size"] == 2**18
+        assert 1 <= row["codebook_used_codes"] <= 8 * k
+        assert row["codebook_usage"] == pytest.approx(row["codebook_used_codes"] / 2**18)
+        assert 1.0 <= row["codebook_perplexity"] <= row["codebook_used_codes"] + 1e-6
+        assert {"encode", "decode", "metrics", "inception"} <= set(row["seconds"])
+
+
+def test_tokenizer_with_the_real_inception(cifar10_root: Path, model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "real.json"
+    rc = cli(
+        "evaluate", "tokenizer", "--model", model_dir, "--data", cifar10_root / "test", "--num-tokens", "16",
+        "--max-images", "4", "--no-lpips", "--output", out,
+    )  # fmt: skip
+    assert rc == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert math.isfinite(row["rfid"]) and row["rfid"] > 1.0  # reconstructions of an untrained model are far off
+    assert row["lpips"] is None
+
+
+def test_tokenizer_metrics_match_a_direct_computation(tokenizer_runs: dict[int, dict], model_dir, cifar10_root):
+    """PSNR is the mean of per-image PSNRs of the clamped reconstructions; rFID the Fréchet distance of the
+    features of originals and reconstructions (here the stand-in features, batch of 8 as in the run)."""
+    from mergevq.data.images import ImageDataset
+    from mergevq.data.transforms import eval_transform
+    from mergevq.eval.fid import compute_statistics, frechet_distance
+    from mergevq.eval.metrics import psnr
+
+    dataset = ImageDataset(cifar10_root / "test", transform=eval_transform(32), max_images=8)
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    model = MergeVQ.from_pretrained(model_dir).eval()
+    with torch.inference_mode():
+        reconstruction = model.decode(model.encode(images, num_tokens=16)).clamp(-1, 1)
+    row = tokenizer_runs[8]["results"][0]
+    assert row["psnr"] == pytest.approx(float(psnr(reconstruction, images).mean()), abs=1e-4)
+    extractor = _pooled_inception(weights=None, device="cpu", batch_size=8)
+    a, b = compute_statistics(extractor(images)), compute_statistics(extractor(reconstruction))
+    assert row["rfid"] == pytest.approx(frechet_distance(a.mu, a.sigma, b.mu, b.sigma), rel=1e-6)
+
+
+def test_tokenizer_metrics_do_not_depend_on_batch_size(tokenizer_runs: dict[int, dict]) -> None:
+    for small, large in zip(tokenizer_runs[3]["results"], tokenizer_runs[8]["results"]):
+        for key in ("psnr", "ssim", "lpips", "codebook_usage", "codebook_perplexity"):
+            assert small[key] == pytest.approx(large[key], abs=1e-5), key
+        assert small["codebook_used_codes"] == large["codebook_used_codes"]
+        assert small["rfid"] == pytest.approx(large["rfid"], rel=1e-5)
+
+
+def test_streaming_covariance_matches_numpy() -> None:
+    rows = np.random.default_rng(0).normal(3.0, 2.0, size=(23, 5))
+    accumulator = GaussianAccumulator(5)
+    for chunk in np.split(rows, [1, 4, 11, 11]):  # uneven chunks, one empty
+        accumulator.update(torch.from_numpy(chunk))
+    stats = accumulator.statistics()
+    assert stats.num_images == 23
+    np.testing.assert_allclose(stats.mu, rows.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.sigma, np.cov(rows, rowvar=False), rtol=1e-10)
+
+
+def test_tokenizer_preset_prints_notice_and_table(cifar10_root: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sub" / "preset.json"
+    rc = cli(
+        "evaluate", "tokenizer", "--preset", "tiny-32", "--data", cifar10_root / "test", "--num-tokens", "8",
+        "--max-images", "4", "--no-fid", "--no-lpips", "--output", out,
+    )  # fmt: skip
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "randomly initialised" in captured.err
+    assert "| K | merged | PSNR (dB) |" in captured.out
+    data = json.loads(out.read_text())
+    assert data["model"]["weights"].startswith("random")
+    row = data["results"][0]
+    assert row["rfid"] is None and row["lpips"] is None and math.isfinite(row["psnr"])
+    assert not any("biased" in w for w in data["warnings"])  # no FID, no FID warning
+
+
+def test_tokenizer_errors_are_one_line(cifar10_root: Path, model_dir: Path, tmp_path: Path, capsys) -> None:
+    rc = cli(
+        "evaluate", "tokenizer", "--model", model_dir, "--data", cifar10_root / "test", "--num-tokens", "65",
+        "--output", tmp_path / "x.json",
+    )  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mergevq evaluate tokenizer: error:") and "K=65" in err and "\n" not in err
+    rc = cli(
+        "evaluate", "tokenizer", "--model", model_dir, "--data", tmp_path / "none", "--output", tmp_path / "x.json"
+    )
+    assert rc == 2 and "--data" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_command_line_reparses_to_the_same_arguments(tokenizer_runs: dict[int, dict]) -> None:
+    command = tokenizer_runs[8]["command"]
+    argv = shlex.split(command)
+    assert argv[0] == "mergevq"
+    parsed = _parser().parse_args(argv[1:])
+    assert evaluate.command_line(parsed) == command
+    assert parsed.batch_size == 8 and parsed.num_tokens == [16, 64] and parsed.max_images == 8
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluate generator
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_sets(cifar10_root: Path, tmp_path_factory) -> dict[str, Path]:
+    """Six test images as a folder (in class sub-folders) and as an ADM npz; six training images as a folder."""
+    root = tmp_path_factory.mktemp("generator")
+    arrays = []
+    # Class folders in sorted order, so the npz rows follow the folder's (sorted, recursive) file order.
+    for i, name in enumerate(("bird", "cat", "frog", "horse", "ship", "truck")):
+        source = sorted((cifar10_root / "test" / name).iterdir())[i]
+        (root / "a" / name).mkdir(parents=True)
+        shutil.copy(source, root / "a" / name / source.name)
+        arrays.append(np.asarray(Image.open(source).convert("RGB")))
+        other = sorted((cifar10_root / "train" / name).iterdir())[i]
+        (root / "b").mkdir(exist_ok=True)
+        shutil.copy(other, root / "b" / f"{name}.jpg")
+    np.savez(root / "a.npz", arr_0=np.stack(arrays))
+    return {"a": root / "a", "a_npz": root / "a.npz", "b": root / "b", "root": root}
+
+
+def _generator(samples: Path, reference: Path, output: Path, *extra: str | Path) -> dict:
+    assert cli("evaluate", "generator", "--samples", samples, "--reference", reference, "--output", output, *extra) == 0
+    return json.loads(output.read_text())
+
+
+def test_fid_of_a_set_with_itself_is_zero(image_sets: dict[str, Path], tmp_path: Path) -> None:
+    stats = tmp_path / "a_stats.npz"
+    data = _generator(image_sets["a"], image_sets["a_npz"], tmp_path / "same.json", "--save-reference-stats", stats)
+    metrics = data["metrics"]
+    assert abs(metrics["fid"]) < 1e-6  # the folder's JPEGs and the npz hold the same pixels
+    assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0 and metrics["nearest_k"] == 3
+    assert metrics["inception_score"] is None and "classifier head" in metrics["unavailable"]["inception_score"]
+    assert data["samples"]["format"] == "folder" and data["reference"]["format"] == "npz"
+    assert data["samples"]["num_images"] == data["reference"]["num_images"] == 6
+    assert stats.is_file() and load_statistics(stats).num_images == 6
+
+
+def test_fid_is_symmetric_and_positive_and_stats_reference_works(image_sets, tmp_path: Path, pooled_features) -> None:
+    b_stats = tmp_path / "b.npz"
+    ab = _generator(image_sets["a_npz"], image_sets["b"], tmp_path / "ab.json", "--save-reference-stats", b_stats)
+    ba = _generator(image_sets["b"], image_sets["a_npz"], tmp_path / "ba.json")
+    assert ab["metrics"]["fid"] > 1.0
+    assert ab["metrics"]["fid"] == pytest.approx(ba["metrics"]["fid"], rel=1e-6)
+    assert 0.0 <= ab["metrics"]["precision"] <= 1.0 and 0.0 <= ab["metrics"]["recall"] <= 1.0
+    assert ab["metrics"]["precision"] == pytest.approx(ba["metrics"]["recall"])  # the roles swap
+
+    stats = _generator(image_sets["a_npz"], b_stats, tmp_path / "stats.json")
+    assert stats["reference"]["format"] == "stats"
+    assert stats["metrics"]["fid"] == pytest.approx(ab["metrics"]["fid"], rel=1e-9)
+    assert stats["metrics"]["precision"] is None and stats["metrics"]["recall"] is None
+    assert "statistics" in stats["metrics"]["unavailable"]["precision_recall"]
+
+
+def test_generator_max_images_takes_a_strided_subset(image_sets, tmp_path: Path, pooled_features) -> None:
+    data = _generator(image_sets["a"], image_sets["a_npz"], tmp_path / "sub.json", "--max-images", "4")
+    assert data["samples"]["num_images"] == 4 and data["samples"]["available"] == 6
+    assert data["reference"]["num_images"] == 4
+    assert abs(data["metrics"]["fid"]) < 1e-6  # the same rule picks the same images from folder and npz
+    assert evaluate.strided_subset(6, 4) == [0, 1, 3, 4] and evaluate.strided_subset(3, None) == [0, 1, 2]
+
+
+def test_generator_input_errors(image_sets: dict[str, Path], tmp_path: Path, capsys) -> None:
+    stats = tmp_path / "s.npz"
+    np.savez(stats, mu=np.zeros(3), sigma=np.eye(3))
+    rc = cli(
+        "evaluate", "generator", "--samples", stats, "--reference", image_sets["a"], "--output", tmp_path / "x.json"
+    )
+    assert rc == 2 and "samples must be images" in capsys.readouterr().err
+    rc = cli(
+        "evaluate", "generator", "--samples", tmp_path / "missing.npz", "--reference", image_sets["a"],
+        "--output", tmp_path / "x.json",
+    )  # fmt: skip
+    assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluate probe
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_probe_reports_accuracies(cifar10_root: Path, model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "probe.json"
+    rc = cli(
+        "evaluate", "probe", "--model", model_dir, "--train", cifar10_root / "train", "--test", cifar10_root / "test",
+        "--num-tokens", "16", "64", "--max-train", "60", "--max-test", "30", "--epochs", "5", "--output", out,
+    )  # fmt: skip
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["kind"] == "probe_eval" and data["num_tokens"] == [16, 64] and data["knn_k"] == 20
+    assert data["train"]["num_images"] == 60 and data["test"]["num_images"] == 30 and len(data["classes"]) == 10
+    for row in data["results"]:
+        for name in ("cls", "mean_tokens"):
+            features = row[name]
+            assert features["dim"] == 128
+            for key in ("linear_top1", "linear_top5", "linear_train_top1", "knn_top1"):
+                assert 0.0 <= features[key] <= 1.0, key
+            assert features["linear_top5"] >= features["linear_top1"]
+
+
+def test_probe_needs_labels_and_defaults_to_all_tokens(cifar10_root: Path, model_dir: Path, tmp_path: Path, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(sorted((cifar10_root / "test" / "cat").iterdir())[0], flat / "a.jpg")
+    out = tmp_path / "p.json"
+    rc = cli("evaluate", "probe", "--model", model_dir, "--train", flat, "--test", flat, "--output", out)
+    assert rc == 2 and "no class sub-folders" in capsys.readouterr().err
+    args = _parser().parse_args(["evaluate", "probe", "--model", "m", "--train", "a", "--test", "b", "--output", "o"])
+    assert args.num_tokens is None  # resolved to L (all tokens, the paper's probing protocol) at run time
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# benchmark
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_benchmark_writes_positive_throughputs(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "speed.json"
+    rc = cli(
+        "benchmark", "--preset", "tiny-32", "--batch-size", "2", "--num-tokens", "16", "64", "--repeats", "2",
+        "--warmup", "1", "--threads", "1", "--output", out,
+    )  # fmt: skip
+    assert rc == 0
+    assert "| K | encode img/s" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["kind"] == "benchmark" and data["command"].startswith("mergevq benchmark --preset tiny-32")
+    assert data["settings"]["batch_size"] == 2 and data["settings"]["repeats"] == 2
+    assert {"python", "torch", "cpu", "torch_threads", "malloc_env"} <= set(data["machine"])
+    assert any("generation speed" in note for note in data["notes"])
+    assert [row["num_tokens"] for row in data["rows"]] == [16, 64]
+    for row in data["rows"]:
+        assert set(row["phases"]) == {"encode", "decode", "encode_decode", "train_step"}
+        for timing in row["phases"].values():
+            assert len(timing["times_ms"]) == 2 and timing["warmup"] == 1
+            assert 0 < timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
+            rate = timing["items_per_s"]
+            assert 0 < rate["min"] <= rate["median"] <= rate["max"]
+            assert rate["median"] == pytest.approx(2 / (timing["median_ms"] / 1e3))
+
+
+def test_benchmark_help_says_generation_is_not_measured(capsys) -> None:
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["benchmark", "--help"])
+    assert "stage-2 generators" in capsys.readouterr().out
+    model = MergeVQ.from_preset("tiny-32")
+    assert benchmark.default_num_tokens(model=model) == [8, 16, 36, 64]
+
+
+def test_modules_plug_into_the_main_cli(monkeypatch, capsys) -> None:
+    missing = tuple(m for m in COMMAND_MODULES if m not in mergevq.cli._COMMAND_MODULES)
+    monkeypatch.setattr(mergevq.cli, "_COMMAND_MODULES", mergevq.cli._COMMAND_MODULES + missing)
+    assert mergevq.cli.main(["evaluate"]) == 2
+    assert "tokenizer" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mergevq.cli.main(["evaluate", "generator", "--help"])
+    assert "--save-reference-stats" in capsys.readouterr().out
