@@ -258,4 +258,3 @@ def get_preset(name: str, **overrides: Any) -> TokenizerConfig:
 
 def preset_names() -> list[str]:
     return sorted(PRESETS)
-

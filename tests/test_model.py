@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mergevq.config import TokenizerConfig, get_preset, preset_names
+from mergevq.config import TokenizerConfig, get_preset
 from mergevq.tokenizer.model import MergeVQ
 
 # SPEC §2.1 verified counts (millions): encoder without head, alignment head, decoder.
@@ -151,7 +151,9 @@ def test_save_and_load_pretrained_identical(tmp_path):
 def test_loading_weights_of_another_preset_names_both(tmp_path):
     MergeVQ.from_preset("tiny-64").save_pretrained(tmp_path / "other")
     model = MergeVQ.from_preset("tiny-32")
-    with pytest.raises(ValueError, match=r"model\.safetensors does not fit preset 'tiny-32'.*saved from preset 'tiny-64'"):
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors does not fit preset 'tiny-32'.*saved from preset 'tiny-64'"
+    ):
         model.load_weights(tmp_path / "other" / "model.safetensors")
 
 

@@ -65,7 +65,10 @@ class Decoder(nn.Module):
         self.pos_conv = nn.Conv2d(width, width, 3, padding=1, groups=width)  # CPE, added once before the blocks
         self.blocks = nn.ModuleList(
             DecoderBlock(
-                width, num_heads=config.decoder_heads, mlp_ratio=config.mlp_ratio, layerscale_init=config.layerscale_init
+                width,
+                num_heads=config.decoder_heads,
+                mlp_ratio=config.mlp_ratio,
+                layerscale_init=config.layerscale_init,
             )
             for _ in range(config.decoder_depth)
         )

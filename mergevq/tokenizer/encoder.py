@@ -67,9 +67,7 @@ class MergeBlock(nn.Module):
 
     def forward(self, state: MergeState, *, r: int) -> MergeState:
         x = state.tokens
-        attn, metric = self.attn(
-            self.norm1(x), size=state.size if self.prop_attn else None, return_metric=r > 0
-        )
+        attn, metric = self.attn(self.norm1(x), size=state.size if self.prop_attn else None, return_metric=r > 0)
         state = replace(state, tokens=x + self.ls1(attn))
         if r > 0:
             state = merge_step(state, metric=metric, r=r)

@@ -74,7 +74,9 @@ class SourceRecovery(nn.Module):
         self.kv_in = nn.Sequential(nn.Linear(code_dim, width), nn.LayerNorm(width))
         # "query position embeddings, similar to MaskFormer": one learnable query per grid position.
         self.queries = nn.Parameter(torch.randn(1, num_positions, width) * 0.02)
-        self.layers = nn.ModuleList(RecoveryLayer(width, num_heads=num_heads, mlp_ratio=mlp_ratio) for _ in range(depth))
+        self.layers = nn.ModuleList(
+            RecoveryLayer(width, num_heads=num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(width)
         self.q_head = nn.Linear(width, width)
         self.k_head = nn.Linear(width, width)
