@@ -57,10 +57,10 @@ def run_isolated(module: str, function: str, kwargs: dict[str, Any], *, timeout:
     A fresh process gives an honest peak-RSS figure (``ru_maxrss`` never goes down within a process).
     """
     code = (
-        "import json, sys; sys.path.insert(0, {bench!r}); import importlib; "
-        "res = getattr(importlib.import_module({module!r}), {function!r})(**json.loads(sys.argv[1])); "
+        f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import importlib; "
+        f"res = getattr(importlib.import_module({module!r}), {function!r})(**json.loads(sys.argv[1])); "
         "print('@@RESULT@@' + json.dumps(res))"
-    ).format(bench=str(Path(__file__).resolve().parent), module=module, function=function)
+    )
     env = {**os.environ, **MALLOC_ENV}
     proc = subprocess.run(
         [sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env, timeout=timeout
