@@ -53,12 +53,12 @@ def run_assignment(tokens, metrics, schedule):
 
 
 def _match(metric, r):
-    """The same bipartite matching as merge_step: (src, dst) ``[B, r]`` indices among the non-CLS tokens."""
+    """The same bipartite matching as merge_step, op for op: (src, dst) ``[B, r]`` indices among the non-CLS tokens."""
     metric_BNc = F.normalize(metric[:, 1:], dim=-1)
-    scores = metric_BNc[:, 0::2] @ metric_BNc[:, 1::2].transpose(1, 2)
-    best_score, best_partner = scores.max(dim=-1)
-    src_a = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]
-    return 2 * src_a, 2 * best_partner.gather(1, src_a) + 1
+    scores = torch.bmm(metric_BNc[:, 0::2], metric_BNc[:, 1::2].transpose(1, 2))
+    src_a = scores.amax(dim=-1).argsort(dim=-1, descending=True, stable=True)[:, :r]
+    dst_b = _rows(scores, src_a).max(dim=-1).indices  # argmax of the chosen rows only
+    return 2 * src_a, 2 * dst_b + 1
 
 
 def _rows(x_BRC, rows_BS):
@@ -86,13 +86,18 @@ def _dense_step(x_BTC, size_BT, source_BNL, metric, r, *, wavg):
         weighted = x_BTC * size_BT.unsqueeze(-1)
         weighted.scatter_add_(1, (dst + 1).unsqueeze(-1).expand(-1, -1, channels), _rows(weighted, src + 1))
         tokens_out = _rows(weighted / size_total.unsqueeze(-1), rows_out)
-    else:  # the token merge of merge_step: x_dst + Σ (s_src / s_total)(x_src − x_dst), then reorder
+    else:  # the token merge of merge_step, op for op: x_dst + Σ (s_src / s_total)(x_src − x_dst) on flat rows
         weight = size_BT.gather(1, src + 1) / size_total.gather(1, dst + 1)
-        delta = weight.unsqueeze(-1) * (_rows(x_BTC, src + 1) - _rows(x_BTC, dst + 1))
-        ranks = torch.arange(n - r, device=order.device).expand(batch, -1)
-        new_index = torch.empty_like(first).scatter_(1, order, ranks)
-        dst_out = (new_index.gather(1, dst) + 1).unsqueeze(-1).expand(-1, -1, channels)
-        tokens_out = _rows(x_BTC, rows_out).scatter_add_(1, dst_out, delta)
+        flat = x_BTC.reshape(batch * num_tokens, channels)
+        base = num_tokens * torch.arange(batch, device=src.device).unsqueeze(1)
+        delta = flat.index_select(0, (src + 1 + base).flatten()).sub_(flat.index_select(0, (dst + 1 + base).flatten()))
+        delta.mul_(weight.flatten().unsqueeze(-1))
+        new_index = torch.empty_like(first).scatter_(
+            1, order, torch.arange(n - r, device=order.device).expand(batch, -1)
+        )
+        dst_out = new_index.gather(1, dst) + 1 + (num_tokens - r) * torch.arange(batch, device=src.device).unsqueeze(1)
+        tokens_out = flat.index_select(0, (rows_out + base).flatten()).index_add_(0, dst_out.flatten(), delta)
+        tokens_out = tokens_out.view(batch, num_tokens - r, channels)
     return tokens_out, size_total.gather(1, rows_out), source_BNL
 
 

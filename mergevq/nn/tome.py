@@ -55,7 +55,8 @@ class MergeState:
         assignment: ``[B, L]`` int64, index ``0..N-1`` (among the non-CLS tokens) of the group of each position.
         has_cls: whether ``tokens[:, 0]`` is a protected CLS token.
         first_position: ``[B, N]`` int64, smallest original position of each non-CLS token. Strictly increasing
-            along N (tokens are in raster order of it); used to keep that order after each merge.
+            along N (tokens are in raster order of it), so a group's smallest current index also marks its first
+            position: :func:`merge_step` orders the merged groups by that index, without a sort.
     """
 
     tokens: Tensor
@@ -117,58 +118,70 @@ def merge_step(state: MergeState, *, metric: Tensor, r: int) -> MergeState:
         raise ValueError(f"r={r} merges out of N={n} tokens breaks the per-layer cap 0 <= r <= N // 2 = {n // 2}")
     if r == 0:
         return state
+    device = tokens_BTC.device
+    num_out = num_tokens - r  # rows per sample after the merge, CLS included
 
-    # Matching is discrete: no graph needed for the scores.
+    # Matching is discrete: no graph needed for the scores or any index.
     with torch.no_grad():
         metric_BNc = F.normalize(metric[:, off:], dim=-1)
-        scores = metric_BNc[:, 0::2] @ metric_BNc[:, 1::2].transpose(1, 2)  # [B, ceil(N/2), floor(N/2)]
-        best_score, best_partner = scores.max(dim=-1)  # [B, ceil(N/2)]
+        # bmm directly: same kernel and bits as `@`, without matmul's dispatch overhead.
+        scores = torch.bmm(metric_BNc[:, 0::2], metric_BNc[:, 1::2].transpose(1, 2))  # [B, ceil(N/2), floor(N/2)]
+        num_a, num_b = scores.shape[1:]
+        # max-with-indices over every A row costs ~10x amax on CPU; only the r chosen rows need their argmax.
+        best_score = scores.amax(dim=-1)  # [B, ceil(N/2)]
         # Stable sort: ties resolve to the earliest A token, identically for a batch and for its single samples.
         src_a = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]  # [B, r] index in A
-        dst_b = best_partner.gather(1, src_a)  # [B, r] index in B
-    src = 2 * src_a  # [B, r] index among the N current tokens
-    dst = 2 * dst_b + 1
+        a_rows = src_a + torch.arange(0, batch * num_a, num_a, device=device).unsqueeze(1)
+        chosen = scores.view(batch * num_a, num_b).index_select(0, a_rows.flatten()).view(batch, r, num_b)
+        dst_b = chosen.max(dim=-1).indices  # [B, r] index in B (first maximum)
 
-    first = state.first_position
-    first_new = first.scatter_reduce(1, dst, first.gather(1, src), reduce="amin")
-    # A group's first position is the smaller of its parts'; merged-away tokens get a sentinel that sorts last.
-    first_new = first_new.scatter(1, src, torch.iinfo(torch.int64).max)
-    order = first_new.argsort(dim=1)[:, : n - r]  # [B, N-r] old index of each new token
+        # From here on, indices are rows of the flattened tokens: row b·T + t is token t of sample b. Every
+        # gather/scatter is then one index_select/index_add_ on a [B·T, ·] view, with no per-sample offsets to add.
+        first_row = torch.arange(off, batch * num_tokens, num_tokens, device=device).unsqueeze(1)  # [B, 1] token 0
+        src = (2 * src_a + first_row).flatten()  # [B·r]
+        dst = (2 * dst_b + first_row).add_(1).flatten()
 
-    # Old token index -> new token index, going through the partner for merged-away tokens.
-    target = torch.arange(n, device=src.device).expand(batch, n).scatter(1, src, dst)  # [B, N]
-    new_index = torch.empty_like(target).scatter_(1, order, torch.arange(n - r, device=src.device).expand(batch, -1))
-    new_of_old = new_index.gather(1, target)  # [B, N]
+        # New order without a sort. Key each group by its smallest row: first positions increase along the rows, so
+        # ordering groups by first position is ordering them by key. A partner's key is the smallest of its own row
+        # and those it absorbs; merged-away rows take their partner's key; CLS and unmerged rows are their own key.
+        # A row is its group's key iff key[row] == row, so a cumsum over that mask numbers the groups in output
+        # order; every sample keeps exactly T-r groups, so sample b's land on output rows b·(T-r) to b·(T-r)+T-r-1.
+        rows = torch.arange(batch * num_tokens, device=device)  # [B·T]
+        key = rows.scatter_reduce(0, dst, src, reduce="amin")
+        key.scatter_(0, src, key.index_select(0, dst))
+        new_row = key.eq(rows).cumsum(0).sub_(1).index_select(0, key)  # [B·T] output row of each row's group
+        # Output rows as indices into the current rows; a merged group's value sits in its partner's row. All rows
+        # of a group write the same value, so the scatter is exact despite repeated indices.
+        rows_out = torch.empty(batch * num_out, dtype=torch.int64, device=device)
+        rows_out.scatter_(0, new_row, rows.scatter(0, src, dst))  # [B·(T-r)]
+        # Per-sample group index (CLS excluded) of every current group, for the assignment and first positions.
+        first_out = torch.arange(off, batch * num_out, num_out, device=device).unsqueeze(1)
+        new_of_old = new_row.view(batch, num_tokens)[:, off:] - first_out  # [B, N]
+        first_new = torch.empty(batch, n - r, dtype=torch.int64, device=device)
+        first_new.scatter_reduce_(1, new_of_old, state.first_position, reduce="amin", include_self=False)
 
-    # Rows of the output, CLS included, as indices into the current tokens.
-    rows_out = order + off
-    if off:
-        rows_out = torch.cat([torch.zeros_like(rows_out[:, :1]), rows_out], dim=1)  # [B, T-r]
-    src_t, dst_t = src + off, dst + off
-
-    size_BT = state.size
-    size_total = size_BT.scatter_add(1, dst_t, size_BT.gather(1, src_t))  # [B, T]; stale at src (dropped)
-    wdtype = torch.promote_types(tokens_BTC.dtype, size_BT.dtype)  # float32 at least, float64 for float64 tokens
-    weight = size_BT.gather(1, src_t).to(wdtype) / size_total.gather(1, dst_t).to(wdtype)  # [B, r]
+        # Sizes stay float32 (exact integers); the weights are computed in at least float32.
+        size = state.size.reshape(batch * num_tokens)
+        size_src = size.index_select(0, src)
+        size_total = size.index_add(0, dst, size_src)  # [B·T]; stale at src (dropped)
+        wdtype = torch.promote_types(tokens_BTC.dtype, size.dtype)
+        weight = size_src.to(wdtype) / size_total.index_select(0, dst).to(wdtype)  # [B·r]
 
     # x_dst + Σ_src (s_src / s_total)(x_src − x_dst) is the size-weighted mean, exact when the merged tokens are
     # identical, and leaves unmerged tokens bit-for-bit untouched. Row copies go through index_select/index_add_ on
-    # the flattened [B·T, C] view: much faster than gather/scatter with an index expanded over C.
+    # the flattened [B·T, C] view: much faster than gather/scatter with an index expanded over C. The output itself
+    # is the only full-size copy; the other passes touch B·r rows.
     flat = tokens_BTC.reshape(batch * num_tokens, channels)
-    row0 = torch.arange(batch, device=src.device).unsqueeze(1)
-    x_src = flat.index_select(0, (src_t + row0 * num_tokens).flatten())  # [B·r, C]
-    x_dst = flat.index_select(0, (dst_t + row0 * num_tokens).flatten())
-    delta = weight.flatten().to(tokens_BTC.dtype).unsqueeze(-1) * (x_src - x_dst)
-    out = flat.index_select(0, (rows_out + row0 * num_tokens).flatten())  # [B·(T-r), C]
-    dst_out = new_index.gather(1, dst) + off + row0 * (num_tokens - r)  # [B, r] output row of each partner
-    out = out.index_add_(0, dst_out.flatten(), delta).view(batch, num_tokens - r, channels)
+    delta = flat.index_select(0, src).sub_(flat.index_select(0, dst))
+    delta.mul_(weight.to(tokens_BTC.dtype).unsqueeze(-1))  # [B·r, C]
+    out = flat.index_select(0, rows_out).index_add_(0, new_row.index_select(0, dst), delta)
 
     return MergeState(
-        tokens=out,
-        size=size_total.gather(1, rows_out),
+        tokens=out.view(batch, num_out, channels),
+        size=size_total.index_select(0, rows_out).view(batch, num_out),
         assignment=new_of_old.gather(1, state.assignment),
         has_cls=state.has_cls,
-        first_position=first_new.gather(1, order),
+        first_position=first_new,
     )
 
 
