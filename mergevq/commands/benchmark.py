@@ -19,9 +19,9 @@ from mergevq.commands.common import (
     HelpFormatter,
     add_device_argument,
     check_num_tokens,
+    guarded,
     load_model,
     positive_int,
-    report_error,
     resolve_device,
 )
 from mergevq.commands.evaluate import command_line
@@ -200,8 +200,4 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CommandError as error:
-        return report_error(COMMAND, error)
+run = guarded(COMMAND, _run)

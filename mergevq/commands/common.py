@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -60,6 +60,18 @@ def report_error(command: str, error: CommandError) -> int:
     message = " ".join(str(error).split())  # one line, whatever the underlying exception put in it
     print(f"mergevq {command}: error: {message}", file=sys.stderr)
     return error.code
+
+
+def guarded(command: str, body: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a command body so that a :class:`CommandError` becomes a one-line message and its exit code."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return body(args)
+        except CommandError as error:
+            return report_error(command, error)
+
+    return run
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

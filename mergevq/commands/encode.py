@@ -18,11 +18,11 @@ from mergevq.commands.common import (
     HelpFormatter,
     add_device_argument,
     check_num_tokens,
+    guarded,
     load_model,
     one_line_skip_warnings,
     positive_int,
     progress,
-    report_error,
     resolve_device,
 )
 from mergevq.data.images import ImageDataset, make_loader
@@ -165,8 +165,4 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CommandError as error:
-        return report_error(COMMAND, error)
+run = guarded(COMMAND, _run)

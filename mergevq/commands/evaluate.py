@@ -25,11 +25,11 @@ from mergevq.commands.common import (
     HelpFormatter,
     add_device_argument,
     check_num_tokens,
+    guarded,
     load_model,
     one_line_skip_warnings,
     positive_int,
     progress,
-    report_error,
     resolve_device,
 )
 from mergevq.data.images import ImageDataset, ImageDecodeError, load_image, make_loader
@@ -239,7 +239,7 @@ def _register_tokenizer(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-fid", action="store_true", help="skip rFID (the slow part on CPU)")
     parser.add_argument("--inception-weights", metavar="PATH", default=None, help="FID Inception TorchScript file")
     _add_loader_arguments(parser, batch_size=32)
-    parser.set_defaults(func=_guarded(_run_tokenizer), _command="evaluate tokenizer")
+    parser.set_defaults(func=guarded("evaluate tokenizer", _run_tokenizer), _command="evaluate tokenizer")
 
 
 def _run_tokenizer(args: argparse.Namespace) -> int:
@@ -467,7 +467,7 @@ def _register_generator(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--nearest-k", metavar="K", type=positive_int, default=3, help="k of precision/recall")
     parser.add_argument("--batch-size", metavar="N", type=positive_int, default=32, help="Inception batch size")
     add_device_argument(parser)
-    parser.set_defaults(func=_guarded(_run_generator), _command="evaluate generator")
+    parser.set_defaults(func=guarded("evaluate generator", _run_generator), _command="evaluate generator")
 
 
 def _features(
@@ -641,7 +641,7 @@ def _register_probe(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--knn-k", metavar="K", type=positive_int, default=20, help="neighbours of the k-NN vote")
     _add_loader_arguments(parser, batch_size=64)
-    parser.set_defaults(func=_guarded(_run_probe), _command="evaluate probe")
+    parser.set_defaults(func=guarded("evaluate probe", _run_probe), _command="evaluate probe")
 
 
 def _run_probe(args: argparse.Namespace) -> int:
@@ -738,16 +738,6 @@ def _run_probe(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # Registration
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _guarded(run):
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except CommandError as error:
-            return report_error(args._command, error)
-
-    return wrapped
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

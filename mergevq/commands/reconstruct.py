@@ -24,10 +24,10 @@ from mergevq.commands.common import (
     HelpFormatter,
     add_device_argument,
     check_num_tokens,
+    guarded,
     load_model,
     positive_int,
     progress,
-    report_error,
     resolve_device,
 )
 from mergevq.data.images import DEFAULT_EXTENSIONS, ImageDecodeError, load_image
@@ -292,8 +292,4 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CommandError as error:
-        return report_error(COMMAND, error)
+run = guarded(COMMAND, _run)
