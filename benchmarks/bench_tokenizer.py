@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
 import time
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS_DIR, current_rss_mb, peak_rss_mb, run_isolated, write_results
+from common import RESULTS_DIR, current_rss_mb, markdown_table, peak_rss_mb, run_isolated, write_results
 
 # (preset, image side, batch, K or None for the preset's default, timed repeats)
 CASES = [("tiny-32", 32, 2, None, 10), ("tiny-32", 32, 32, None, 5), ("gr-d64", 256, 2, 144, 5)]
@@ -41,6 +42,24 @@ THREADS = 2
 PEAK_GFLOPS = 180.0  # fp32 matmul peak of the 2-core development machines (docs/ENVIRONMENT.md)
 # The authors' implementation on these machines (2 threads, glibc thresholds raised): gr-d64, 256², batch 2, K=144.
 AUTHORS = {("gr-d64", "train"): {"s": 9.98, "mb": 6.5 * 1024}, ("gr-d64", "eval"): {"s": 2.55, "mb": None}}
+TITLE = "MergeVQ training step and eval encode+decode (CPU, 2 threads)"
+COLUMNS = ["case", "mode", "K", "median_s", "cpu_s", "images_per_s", "peak_rss_increase_mb", "authors_s", "authors_mb"]
+COLUMNS += ["speedup_vs_authors", "memory_vs_authors", "gflop", "gflops", "mfu", "authors_gflops", "matmul_gflops"]
+COLUMNS += ["matmul_frac", "load_1m"]
+NOTES = f"""
+- `train`: forward + L1/entropy/commitment/source-recovery loss + backward; `eval`: no_grad encode + decode. Random
+  inputs in [-1, 1]; each (case, mode) in fresh processes with the glibc thresholds raised; `median_s` over the timed
+  steps after one warm-up step (median over processes), `cpu_s` the process CPU time of a step (both threads).
+- `peak_rss_increase_mb`: peak RSS of the first step minus the RSS before it. The authors' +6.5 GB is the same figure.
+- `speedup_vs_authors` = authors_s / median_s; `memory_vs_authors` = ours / theirs (< 1: less memory).
+- `gflop`: one step, FlopCounterMode with grouped-conv and CPU-attention corrections; `authors_gflops` = our FLOPs /
+  their time; `mfu` = gflops / {PEAK_GFLOPS:g}, the documented 2-core fp32 matmul peak. A 2048³ fp32 matmul measures
+  240-315 GFLOP/s on a quiet machine, so `mfu` can exceed 1; `matmul_frac` = gflops / matmul_gflops, the same-run
+  matmul measured in the same process around the timed steps, is the load-independent efficiency.
+- `load_1m`: 1-minute load average (2 cores). Compare with the authors' idle-machine figures only at low load.
+- Reproduce: `.venv/bin/python benchmarks/bench_tokenizer.py --max-load 1.0 --processes 2 --profile` (about 8 min on
+  a quiet machine; `--render-only` rebuilds the table from `results/tokenizer.json`).
+"""
 
 
 def _loss(model: torch.nn.Module, x: torch.Tensor, k: int | None) -> torch.Tensor:
@@ -191,7 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-load", type=float, default=None, help="wait for a 1-min load average <= this")
     parser.add_argument("--max-wait", type=float, default=1800, help="longest wait for --max-load, in seconds")
     parser.add_argument("--name", default="tokenizer", help="results file stem under benchmarks/results/")
+    parser.add_argument("--render-only", action="store_true", help="rebuild <name>.md from <name>.json, run nothing")
     args = parser.parse_args(argv)
+    if args.render_only:  # the JSON keeps its measurement date and machine; only the table and notes are redrawn
+        rows = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())["rows"]
+        (RESULTS_DIR / f"{args.name}.md").write_text(
+            f"## {TITLE}\n\n{markdown_table(rows, COLUMNS)}\n\n{NOTES.strip()}\n"
+        )
+        return 0
 
     rows = []
     for preset, image, batch, k, repeats in CASES:
@@ -205,10 +231,11 @@ def main(argv: list[str] | None = None) -> int:
                 wait_for_quiet(max_load=args.max_load, max_wait=args.max_wait)
                 runs.append(run_isolated("bench_tokenizer", "measure", kwargs, timeout=3600))
             row: dict[str, Any] = {"case": f"{preset} {image}² b{batch}", "mode": mode, "B": batch, **runs[0]}
-            for key in ("median_s", "cpu_s", "images_per_s", "peak_rss_increase_mb", "gflops", "mfu", "load_1m"):
+            for key in ("median_s", "cpu_s", "images_per_s", "peak_rss_increase_mb", "gflops", "mfu"):
                 row[key] = statistics.median(r[key] for r in runs)
-            for key in ("matmul_gflops", "matmul_frac"):
+            for key in ("matmul_gflops", "matmul_frac", "load_1m"):
                 row[key] = statistics.median(r[key] for r in runs)
+            row["min_s"] = min(r["min_s"] for r in runs)
             ref = AUTHORS.get((preset, mode))
             if ref and image == 256 and batch == 2 and row["K"] == 144:
                 row["authors_s"], row["authors_mb"] = ref["s"], ref["mb"]
@@ -219,28 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
-    columns = ["case", "mode", "K", "median_s", "cpu_s", "images_per_s", "peak_rss_increase_mb", "authors_s"]
-    columns += ["authors_mb", "speedup_vs_authors", "memory_vs_authors", "gflop", "gflops", "mfu", "authors_gflops"]
-    columns += ["matmul_gflops", "matmul_frac", "load_1m"]
-    write_results(
-        args.name,
-        title="MergeVQ training step and eval encode+decode (CPU, 2 threads)",
-        rows=rows,
-        columns=columns,
-        notes=f"""
-- `train`: forward + L1/entropy/commitment/source-recovery loss + backward; `eval`: no_grad encode + decode. Random
-  inputs in [-1, 1]; each (case, mode) in a fresh process with the glibc thresholds raised; `median_s` over the timed
-  steps after one warm-up step, `cpu_s` the process CPU time of a step (both threads).
-- `peak_rss_increase_mb`: peak RSS of the first step minus the RSS before it. The authors' +6.5 GB is the same figure.
-- `speedup_vs_authors` = authors_s / median_s; `memory_vs_authors` = ours / theirs (< 1: less memory).
-- `gflop`: one step, FlopCounterMode with grouped-conv and CPU-attention corrections; `mfu` = gflops / {PEAK_GFLOPS:g}
-  (idle fp32 matmul peak); `authors_gflops` = our FLOPs / their time.
-- Shared machine: `matmul_gflops` is a 2048³ fp32 matmul measured in the same process around the timed steps
-  (idle: about 240; {PEAK_GFLOPS:g} is the documented peak), `matmul_frac` = gflops / matmul_gflops, and `load_1m`
-  the 1-minute load average (2 cores). Compare with the authors' idle-machine figures only at low load.
-- Reproduce: `.venv/bin/python benchmarks/bench_tokenizer.py --max-load 1.2` (about 6 min on an idle machine).
-""",
-    )
+    write_results(args.name, title=TITLE, rows=rows, columns=COLUMNS, notes=NOTES)
     if args.profile:
         text = run_isolated("bench_tokenizer", "profile_train_step", {}, timeout=3600)
         path = RESULTS_DIR / f"{args.name}_profile.txt"

@@ -14,18 +14,14 @@ from PIL import Image
 
 import mergevq.cli
 from mergevq import MergeVQ
-from mergevq.commands import encode, reconstruct
+from mergevq.commands import reconstruct
 from mergevq.data.tokens import load_tokens
 
 COMMAND_MODULES = ("mergevq.commands.reconstruct", "mergevq.commands.encode")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mergevq")
-    subparsers = parser.add_subparsers(dest="command")
-    reconstruct.register(subparsers)
-    encode.register(subparsers)
-    return parser
+    return mergevq.cli.build_parser()  # the real `mergevq` command
 
 
 def cli(*argv: str | Path) -> int:

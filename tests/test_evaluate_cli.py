@@ -27,11 +27,7 @@ COMMAND_MODULES = ("mergevq.commands.evaluate", "mergevq.commands.benchmark")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mergevq")
-    subparsers = parser.add_subparsers(dest="command")
-    evaluate.register(subparsers)
-    benchmark.register(subparsers)
-    return parser
+    return mergevq.cli.build_parser()  # the real `mergevq` command
 
 
 def cli(*argv: str | Path) -> int:
