@@ -19,7 +19,7 @@ from PIL import Image
 
 import mergevq.cli
 from mergevq import MergeVQ
-from mergevq.commands import benchmark, evaluate
+from mergevq.commands import benchmark, evaluate, evaluate_generator, evaluate_tokenizer
 from mergevq.eval.fid import InceptionFeatures, load_statistics
 from mergevq.eval.tokenizer_eval import GaussianAccumulator
 
@@ -79,13 +79,17 @@ class _PooledFeatures(torch.nn.Module):
         return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
 
 
+_INCEPTION_USERS = (evaluate_tokenizer, evaluate_generator)  # the sub-commands that build an Inception network
+
+
 def _pooled_inception(*, weights, device, batch_size) -> InceptionFeatures:
     return InceptionFeatures(network=_PooledFeatures(), device=device, batch_size=batch_size)
 
 
 @pytest.fixture
 def pooled_features(monkeypatch) -> None:
-    monkeypatch.setattr(evaluate, "_inception", _pooled_inception)
+    for module in _INCEPTION_USERS:
+        monkeypatch.setattr(module, "_inception", _pooled_inception)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +98,8 @@ def tokenizer_runs(cifar10_root: Path, model_dir: Path, tmp_path_factory) -> dic
     out = tmp_path_factory.mktemp("tokenizer")
     runs = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluate, "_inception", _pooled_inception)
+        for module in _INCEPTION_USERS:
+            patch.setattr(module, "_inception", _pooled_inception)
         for batch_size in (3, 8):
             path = out / f"batch{batch_size}.json"
             rc = cli(

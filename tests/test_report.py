@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mergevq.commands import benchmark, evaluate
+from mergevq.commands import benchmark, evaluate, evaluate_generator, evaluate_tokenizer
 from mergevq.eval.fid import InceptionFeatures
 from mergevq.eval.report import (
     format_value,
@@ -81,11 +81,12 @@ def results_dir(cifar10_root: Path, tmp_path_factory) -> Path:
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
         # A stand-in for the FID Inception: the report only needs a well-formed generator result.
-        patch.setattr(
-            evaluate,
-            "_inception",
-            lambda *, weights, device, batch_size: InceptionFeatures(network=_PooledFeatures(), device=device),
-        )
+        for module in (evaluate_tokenizer, evaluate_generator):
+            patch.setattr(
+                module,
+                "_inception",
+                lambda *, weights, device, batch_size: InceptionFeatures(network=_PooledFeatures(), device=device),
+            )
         for argv in runs:
             assert cli(*argv) == 0
     shutil.copy(ROOT / "benchmarks" / "results" / "merge.json", out / "merge.json")
