@@ -13,15 +13,6 @@ from mergevq.nn.attention import Attention, CrossAttention
 _DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine spinning threads slow them ~5x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _reference(q, k, v, *, num_heads, key_size=None):
     """softmax(QKᵀ/√d + log s) V per head, written out with einsum. q [B,Tq,C], k/v [B,Tk,C] (projected)."""
     b, tq, c = q.shape

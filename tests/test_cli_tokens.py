@@ -29,15 +29,6 @@ def cli(*argv: str | Path) -> int:
     return args.func(args)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On shared, busy cores OpenMP threads spin against each other: one thread is ~10x faster for these tiny batches.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)

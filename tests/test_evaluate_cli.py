@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
-import glob
 import json
 import math
-import os
 import shlex
 import shutil
 from pathlib import Path
@@ -33,37 +30,6 @@ def _parser() -> argparse.ArgumentParser:
 def cli(*argv: str | Path) -> int:
     args = _parser().parse_args([str(a) for a in argv])
     return args.func(args)
-
-
-def _openblas_threads(count: int | None) -> int | None:
-    """Set NumPy's OpenBLAS thread count (returns the previous one; None where the library is not found).
-
-    The 2048-d eigen-decompositions of FID take ~1 s on one thread but 10-30 s with two threads spinning on
-    shared, busy cores.
-    """
-    pattern = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "libscipy_openblas*.so")
-    for path in glob.glob(pattern):
-        lib = ctypes.CDLL(path)
-        get = getattr(lib, "scipy_openblas_get_num_threads64_", None)
-        put = getattr(lib, "scipy_openblas_set_num_threads64_", None)
-        if get is None or put is None:
-            continue
-        previous = int(get())
-        if count is not None:
-            put(count)
-        return previous
-    return None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    blas = _openblas_threads(1)
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-    if blas is not None:
-        _openblas_threads(blas)
 
 
 @pytest.fixture(scope="module")

@@ -50,14 +50,6 @@ class _PooledFeatures(torch.nn.Module):
         return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def results_dir(cifar10_root: Path, tmp_path_factory) -> Path:
     """One result file of every kind, written by the real commands on a few CIFAR-10 images (cheap settings)."""

@@ -42,6 +42,7 @@ from mergevq.eval.fid import (
     load_statistics,
     precision_recall,
     save_statistics,
+    stack_batches,
 )
 from mergevq.eval.report import generator_table, save_result
 from mergevq.eval.speed import machine_info
@@ -77,25 +78,18 @@ class _ImageSource:
             return len(self.files)
         return len(self.rows) if self.rows is not None else 0
 
+    def _readable_arrays(self, skipped: list[dict[str, str]]) -> Iterator[np.ndarray]:
+        for path in self.files or []:
+            try:
+                yield np.asarray(load_image(path), dtype=np.uint8)
+            except ImageDecodeError as exc:
+                print(f"mergevq {COMMAND}: warning: skipping unreadable image {path}: {exc.reason}", file=sys.stderr)
+                skipped.append({"input": str(path), "reason": exc.reason})
+
     def batches(self, *, batch_size: int, skipped: list[dict[str, str]]) -> Iterator[Tensor]:
         """uint8 ``[n, 3, H, W]`` batches; consecutive images of another size start a new batch."""
         if self.files is not None:
-            pending: list[np.ndarray] = []
-            for path in self.files:
-                try:
-                    array = np.asarray(load_image(path), dtype=np.uint8)
-                except ImageDecodeError as exc:
-                    print(
-                        f"mergevq {COMMAND}: warning: skipping unreadable image {path}: {exc.reason}", file=sys.stderr
-                    )
-                    skipped.append({"input": str(path), "reason": exc.reason})
-                    continue
-                if pending and (len(pending) == batch_size or array.shape != pending[0].shape):
-                    yield torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2).contiguous()
-                    pending = []
-                pending.append(array)
-            if pending:
-                yield torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2).contiguous()
+            yield from stack_batches(self._readable_arrays(skipped), batch_size=batch_size)
             return
         if self.rows is None:
             return

@@ -38,7 +38,7 @@ import importlib.util
 import math
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
@@ -46,8 +46,9 @@ from typing import IO, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
+
+from mergevq.data.images import load_image
 
 __all__ = [
     "IS_UNAVAILABLE",
@@ -60,6 +61,7 @@ __all__ = [
     "frechet_distance",
     "inception_score",
     "iter_folder_batches",
+    "stack_batches",
     "iter_npz_batches",
     "list_image_files",
     "load_inception",
@@ -298,33 +300,25 @@ def list_image_files(root: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _image_loader() -> Callable[[Path], Image.Image]:
-    try:
-        from mergevq.data.images import load_image
-    except ImportError:  # the project loader is optional here; plain Pillow decodes the same pixels
-
-        def load_image(path: Path) -> Image.Image:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-
-    return load_image
-
-
-def iter_folder_batches(root: str | Path, *, batch_size: int = 32) -> Iterator[Tensor]:
-    """Stream the images of a folder as uint8 ``[n, 3, H, W]`` batches of at most ``batch_size`` images.
+def stack_batches(arrays: Iterable[np.ndarray], *, batch_size: int) -> Iterator[Tensor]:
+    """Group uint8 ``[H, W, 3]`` arrays into ``[n, 3, H, W]`` batches of at most ``batch_size`` images.
 
     Consecutive images of different sizes start a new batch, so folders with mixed sizes work.
     """
-    load_image = _image_loader()
     pending: list[np.ndarray] = []
-    for path in list_image_files(root):
-        array = np.asarray(load_image(path).convert("RGB"), dtype=np.uint8)
+    for array in arrays:
         if pending and (len(pending) == batch_size or array.shape != pending[0].shape):
             yield torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2).contiguous()
             pending = []
         pending.append(array)
     if pending:
         yield torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2).contiguous()
+
+
+def iter_folder_batches(root: str | Path, *, batch_size: int = 32) -> Iterator[Tensor]:
+    """Stream the images of a folder (recursive, sorted) as uint8 ``[n, 3, H, W]`` batches."""
+    arrays = (np.asarray(load_image(path), dtype=np.uint8) for path in list_image_files(root))
+    return stack_batches(arrays, batch_size=batch_size)
 
 
 def _nhwc_batches(images: np.ndarray, batch_size: int) -> Iterator[Tensor]:
