@@ -4,7 +4,7 @@
 >>> tok = MergeVQ.from_preset("tiny-32")
 """
 
-from mergevq.config import PRESETS, TokenizerConfig, get_preset, preset_names
+from mergevq.tokenizer.config import PRESETS, TokenizerConfig, get_preset, preset_names
 from mergevq.tokenizer.model import Encoded, MergeVQ, TokenizerOutput
 
 __version__ = "0.1.0"

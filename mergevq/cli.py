@@ -12,7 +12,7 @@ import sys
 
 # Modules that register sub-commands, in the order they appear in ``mergevq --help``.
 _COMMAND_MODULES: tuple[str, ...] = (
-    "mergevq.train.tokenizer",
+    "mergevq.commands.train_tokenizer",
     "mergevq.commands.reconstruct",
     "mergevq.commands.encode",
     "mergevq.commands.evaluate",

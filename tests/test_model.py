@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mergevq.config import TokenizerConfig, get_preset
+from mergevq.tokenizer.config import TokenizerConfig, get_preset
 from mergevq.tokenizer.model import MergeVQ
 
 # SPEC §2.1 verified counts (millions): encoder without head, alignment head, decoder.

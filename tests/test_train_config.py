@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mergevq.train.config import ConfigError, TrainConfig, load_config, parse_overrides, save_config
+from mergevq.train.config_io import ConfigError, parse_overrides, save_config
+from mergevq.train.recipe import TrainConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mergevq.commands.train_tokenizer import main
+from mergevq.losses.alignment import student_view
 from mergevq.tokenizer.model import MergeVQ
 from mergevq.train import checkpoint as ckpt
-from mergevq.train.tokenizer import main, student_view
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "cifar10"
@@ -77,7 +78,8 @@ def command(config: Path, output_dir: Path, *overrides: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "mergevq.train.tokenizer",
+        "mergevq",
+        "train-tokenizer",
         str(config),
         f"output_dir={output_dir}",
         *MICRO_MODEL,
@@ -201,7 +203,7 @@ def test_resume_continues_from_latest_and_rejects_another_model(tmp_path, cifar1
 DDP_DRIVER = """
 import sys
 from safetensors.torch import save_file
-from mergevq.train.config import load_config
+from mergevq.train.recipe import load_config
 from mergevq.train.tokenizer import train
 
 config = load_config(sys.argv[1], overrides=sys.argv[2:])

@@ -13,8 +13,8 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from mergevq.config import preset_names
 from mergevq.data.images import SkippedImageWarning
+from mergevq.tokenizer.config import preset_names
 from mergevq.tokenizer.model import CONFIG_NAME, WEIGHTS_NAME, MergeVQ
 
 __all__ = [

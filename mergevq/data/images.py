@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from mergevq.data.transforms import ImageTransform, to_rgb
+from mergevq.train.rng import derive_seed
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
@@ -173,12 +174,6 @@ def _decode_image(path: Path) -> str | None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _derive_seed(*parts: int) -> int:
-    # SeedSequence mixes the parts well: (seed, epoch, index) tuples that differ anywhere give unrelated streams.
-    state = np.random.SeedSequence([int(p) % (1 << 64) for p in parts]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 32 | int(state[1])
-
-
 class ImageDataset(Dataset):
     """Images under ``root`` (ImageFolder or flat layout, see :func:`list_images`) as ``[3, H, W]`` tensors.
 
@@ -238,7 +233,7 @@ class ImageDataset(Dataset):
 
     def item_rng(self, index: int, *, epoch: int | None = None) -> random.Random:
         """The rng that drives the random transform of sample ``index`` in ``epoch`` (default: current epoch)."""
-        return random.Random(_derive_seed(self.seed, self.epoch if epoch is None else epoch, index))
+        return random.Random(derive_seed(self.seed, self.epoch if epoch is None else epoch, index))
 
     def _record_skip(self, path: Path, reason: str) -> None:
         if path in self.skipped_files:
@@ -317,7 +312,7 @@ class EpochSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         if not self.shuffle:
             return iter(range(self.num_samples))
-        generator = torch.Generator().manual_seed(_derive_seed(self.seed, self.epoch) % (1 << 63))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
         return iter(torch.randperm(self.num_samples, generator=generator).tolist())
 
     def __len__(self) -> int:

@@ -26,6 +26,7 @@ Teachers are frozen (``requires_grad=False``, always in eval mode) and run witho
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "AlignBranch",
     "DinoV2Teacher",
     "EMATeacher",
     "GlobalAlignment",
@@ -44,6 +46,7 @@ __all__ = [
     "build_teacher",
     "dino_loss",
     "distill_kl",
+    "student_view",
 ]
 
 ALIGNMENT_KINDS = ("dinov2", "ema", "labels", "none")
@@ -361,3 +364,41 @@ def build_alignment(
         classifier = nn.Linear(student_dim, num_classes)
     teacher = build_teacher(kind, feature_dim=student_dim, source=source, encoder=encoder, **teacher_kw)
     return GlobalAlignment(kind=kind, teacher=teacher, classifier=classifier, temperature=temperature)
+
+
+def student_view(images: Tensor, *, generator: torch.Generator, scale: tuple[float, float]) -> Tensor:
+    """Random resized crop (area fraction in ``scale``, aspect 3/4–4/3) + horizontal flip, back at input size.
+
+    The alignment branch's student view (SPEC §2.6), done on the batch with one ``grid_sample`` so it needs no
+    second decode of the images; every random number comes from ``generator``.
+    """
+    b = images.shape[0]
+    area = torch.empty(b).uniform_(scale[0], scale[1], generator=generator)
+    log_ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    aspect = log_ratio.exp()
+    width = (area * aspect).sqrt().clamp(max=1.0)  # fractions of the side
+    height = (area / aspect).sqrt().clamp(max=1.0)
+    cx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - width)
+    cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - height)
+    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = width * flip
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = cy
+    theta = theta.to(device=images.device, dtype=images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+class AlignBranch(nn.Module):
+    """Encoder + alignment head: images → [B, align_dim], the student branch (and what an EMA teacher copies)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, *, num_tokens: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.num_tokens = num_tokens
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.encoder(images, num_tokens=self.num_tokens).cls)

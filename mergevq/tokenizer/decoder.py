@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mergevq.config import TokenizerConfig
 from mergevq.nn.attention import Attention
 from mergevq.nn.blocks import (
     AdaptiveGroupNorm,
@@ -21,6 +20,7 @@ from mergevq.nn.blocks import (
     map_to_tokens,
     tokens_to_map,
 )
+from mergevq.tokenizer.config import TokenizerConfig
 
 
 class DecoderBlock(nn.Module):

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mergevq.config import TokenizerConfig
 from mergevq.nn.attention import Attention
 from mergevq.nn.blocks import Downsample, LayerScale, Mlp, ResBlock, group_norm, map_to_tokens
 from mergevq.nn.tome import MergeState, init_merge_state, merge_schedule, merge_step
+from mergevq.tokenizer.config import TokenizerConfig
 
 
 class CNNStem(nn.Module):

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mergevq.config import TokenizerConfig, get_preset
 from mergevq.nn.blocks import tokens_to_map
 from mergevq.nn.lfq import LFQ
 from mergevq.nn.tome import group_sizes, source_matrix
+from mergevq.tokenizer.config import TokenizerConfig, get_preset
 from mergevq.tokenizer.decoder import Decoder
 from mergevq.tokenizer.encoder import Encoder, build_align_head
 from mergevq.tokenizer.recovery import SourceRecovery, recover
@@ -81,7 +81,7 @@ class MergeVQ(nn.Module):
     # ------------------------------------------------------------------ construction and persistence
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MergeVQ:
-        """A freshly initialised model of the named preset (see :mod:`mergevq.config`)."""
+        """A freshly initialised model of the named preset (see :mod:`mergevq.tokenizer.config`)."""
         return cls(get_preset(name, **overrides))
 
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -1,7 +1,7 @@
-"""Stage-1 tokenizer training: one plain loop, DDP under ``torchrun``, resumable after any interruption.
+"""Stage-1 tokenizer training: one plain loop over the shared parts of :mod:`mergevq.train.runtime`.
 
     mergevq train-tokenizer configs/cifar10/gr.yaml max_steps=2000 optim.lr=2e-4
-    torchrun --nproc_per_node=8 -m mergevq.train.tokenizer configs/imagenet/gr-d64.yaml
+    torchrun --nproc_per_node=8 -m mergevq train-tokenizer configs/imagenet/gr-d64.yaml
 
 One optimizer step (``step`` counts optimizer steps everywhere):
 
@@ -11,42 +11,56 @@ One optimizer step (``step`` counts optimizer steps everywhere):
 3. clip, generator optimizer step, EMA update (and the EMA teacher of ``alignment.kind: ema``);
 4. once the GAN is on: the discriminator's hinge + LeCAM loss on the same micro-batches, its own optimizer step.
 
-Randomness is keyed on (seed, step, rank) or (seed, epoch, index) — the torch/NumPy/Python global generators are
-reseeded at every step and the data pipeline derives its own — so a resumed run reproduces an uninterrupted one bit
-for bit on the same hardware with ``deterministic: true``. Checkpoints also carry every RNG state per rank.
+Randomness is keyed on (seed, step, rank) or (seed, epoch, index) through :func:`~mergevq.train.rng.derive_seed` —
+the torch/NumPy/Python global generators are reseeded at every step and the data pipeline derives its own — so a
+resumed run reproduces an uninterrupted one bit for bit on the same hardware with ``deterministic: true``.
+Checkpoints also carry every RNG state per rank (:class:`~mergevq.train.checkpointer.Checkpointer`).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import json
-import math
-import os
-import random
-import signal
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
+from mergevq.data.images import ImageDataset, make_loader
+from mergevq.data.transforms import eval_transform, train_transform
+from mergevq.losses.alignment import AlignBranch, build_alignment, student_view
+from mergevq.losses.discriminator import PatchGANDiscriminator
+from mergevq.losses.perceptual import LPIPS
+from mergevq.losses.tokenizer_loss import LossWeights, TokenizerLoss
+from mergevq.tokenizer.config import TokenizerConfig
+from mergevq.tokenizer.model import MergeVQ
 from mergevq.train import checkpoint as ckpt
 from mergevq.train import distributed as du
-from mergevq.train.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
+from mergevq.train.checkpointer import Checkpointer
+from mergevq.train.config_io import ConfigError, config_diff, config_to_dict, save_config
 from mergevq.train.ema import EMA
 from mergevq.train.logging import TrainLogger
 from mergevq.train.merge_sampling import MergeCountSampler
+from mergevq.train.recipe import TrainConfig
+from mergevq.train.rng import derive_seed, reseed_globals
+from mergevq.train.runtime import (
+    BatchStream,
+    MetricWindow,
+    StopFlag,
+    any_rank,
+    autocast,
+    build_optimizer,
+    configure_determinism,
+    make_scaler,
+    maybe_no_sync,
+    prepare_output_dir,
+    preserve_torch_settings,
+    wrap_ddp,
+)
 from mergevq.train.schedule import apply_lr, lr_factor
 
-__all__ = ["TrainResult", "derive_seed", "export_latest", "main", "register", "student_view", "train"]
+__all__ = ["TrainResult", "export_latest", "train"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +71,7 @@ class TrainResult:
     export: Path | None
     images_per_second: float | None  # training throughput over the whole run (all ranks), None if no step ran
     rank: int = 0
+    interrupted_by: int | None = None  # the signal (SIGTERM/SIGINT) that stopped the run before max_steps
     # The in-memory modules at the end of the run (this rank's copies).
     model: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)
     ema_model: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -64,102 +79,11 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Randomness
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed mixing integer parts (SeedSequence: tuples that differ anywhere give unrelated streams)."""
-    state = np.random.SeedSequence([int(p) % (1 << 63) for p in parts]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31 | int(state[1]) >> 1) & ((1 << 63) - 1)
-
-
-def _reseed_globals(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-
-
-def _rng_state() -> dict[str, Any]:
-    """Global RNG states as tensors and plain containers (loadable with ``weights_only=True``)."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            np_state["keys"].numpy().astype(np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["cached_gaussian"],
-        )
-    )
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def student_view(images: Tensor, *, generator: torch.Generator, scale: tuple[float, float]) -> Tensor:
-    """Random resized crop (area fraction in ``scale``, aspect 3/4–4/3) + horizontal flip, back at input size.
-
-    The alignment branch's student view (SPEC §2.6), done on the batch with one ``grid_sample`` so it needs no
-    second decode of the images; every random number comes from ``generator``.
-    """
-    b = images.shape[0]
-    area = torch.empty(b).uniform_(scale[0], scale[1], generator=generator)
-    log_ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
-    aspect = log_ratio.exp()
-    width = (area * aspect).sqrt().clamp(max=1.0)  # fractions of the side
-    height = (area / aspect).sqrt().clamp(max=1.0)
-    cx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - width)
-    cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - height)
-    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = width * flip
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = height
-    theta[:, 1, 2] = cy
-    theta = theta.to(device=images.device, dtype=images.dtype)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Modules around the tokenizer
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _AlignBranch(nn.Module):
-    """Encoder + alignment head: images → [B, align_dim] (what an EMA teacher copies)."""
-
-    def __init__(self, encoder: nn.Module, head: nn.Module, *, num_tokens: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
-        self.num_tokens = num_tokens
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.encoder(images, num_tokens=self.num_tokens).cls)
-
-
-class _GeneratorStep(nn.Module):
+class _TokenizerStep(nn.Module):
     """What DDP wraps: the reconstruction pass and the alignment pass in one forward, so both are synchronised.
 
     ``extra`` holds trainable modules whose loss is computed outside (the ``labels`` classifier), so that DDP
@@ -177,123 +101,152 @@ class _GeneratorStep(nn.Module):
         return out, student
 
 
-class _BatchStream:
-    """Endless micro-batches that remember their position as (epoch, batch within epoch)."""
+@dataclasses.dataclass
+class _Parts:
+    """Everything one rank trains with, built identically on every rank from the seed."""
 
-    def __init__(self, loader: Any, *, epoch: int, batch_in_epoch: int) -> None:
-        from mergevq.data.images import set_loader_epoch
-
-        self._set_epoch = set_loader_epoch
-        self.loader = loader
-        set_loader_epoch(loader, epoch=0, start_batch=0)
-        self.batches_per_epoch = len(loader)
-        if self.batches_per_epoch == 0:
-            raise ValueError("the training set yields no full batch; lower batch_size or add images")
-        self.epoch = epoch
-        self.batch_in_epoch = batch_in_epoch
-        if batch_in_epoch >= self.batches_per_epoch:
-            self.epoch, self.batch_in_epoch = epoch + 1, 0
-        self._it: Iterator[Any] | None = None
-
-    def next(self) -> Any:
-        while True:
-            if self._it is None:
-                self._set_epoch(self.loader, epoch=self.epoch, start_batch=self.batch_in_epoch)
-                self._it = iter(self.loader)
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                self._it = None
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                continue
-            self.batch_in_epoch += 1
-            if self.batch_in_epoch >= self.batches_per_epoch:
-                # Position now points at the start of the next epoch; the iterator ends on the next call.
-                self._it = None
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            return batch
+    model: MergeVQ
+    ema: EMA
+    discriminator: PatchGANDiscriminator
+    alignment: nn.Module | None  # the alignment loss (teacher / classifier inside), None when off
+    align_branch: AlignBranch | None
+    loss_fn: TokenizerLoss
+    sampler: MergeCountSampler
+    train_set: ImageDataset
+    image_size: int
+    gen_params: list[nn.Parameter]
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler_g: torch.amp.GradScaler
+    scaler_d: torch.amp.GradScaler
+    disc_lr: float
+    # What forward/backward go through: the DDP wrappers under torchrun (set once the run is resumed).
+    run_g: nn.Module | None = None
+    run_d: nn.Module | None = None
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Set-up helpers
-# ----------------------------------------------------------------------------------------------------------------------
+def _build(config: TrainConfig, *, device: torch.device) -> _Parts:
+    reseed_globals(derive_seed(config.seed, 0x1A17))
+    model = MergeVQ.from_preset(config.model.preset, **config.model.overrides).to(device)
+    mcfg = model.config
+    sampler = MergeCountSampler(
+        config=config.merge,
+        num_tokens_full=mcfg.num_tokens_full,
+        default_num_tokens=mcfg.default_num_tokens,
+        seed=config.seed,
+    )
+    image_size = config.data.image_size or mcfg.image_size
+    try:
+        train_set = ImageDataset(
+            config.data.train,
+            transform=train_transform(image_size, resize=config.data.resize, hflip=config.data.hflip),
+            max_images=config.data.max_images,
+            seed=config.seed,
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.train: {e}") from None
+
+    use_alignment = config.alignment.kind != "none" and config.loss.alignment_weight > 0
+    if use_alignment and model.align_head is None:
+        raise ConfigError(
+            f"alignment.kind {config.alignment.kind!r} needs an alignment head, but preset {mcfg.name!r} has "
+            "align_head='none'; set alignment.kind=none or loss.alignment_weight=0"
+        )
+    if not use_alignment and model.align_head is not None:
+        model.align_head.requires_grad_(False)  # unused: keep it out of the optimizer and of DDP's reducer
+    align_branch = None
+    alignment = None
+    if use_alignment:
+        align_branch = AlignBranch(model.encoder, model.align_head, num_tokens=mcfg.default_num_tokens)
+        kw: dict[str, Any] = dict(config.alignment.options)
+        if config.alignment.kind == "ema":
+            kw["encoder"] = align_branch
+        if config.alignment.kind == "labels":
+            if not train_set.classes:
+                raise ConfigError("alignment.kind 'labels' needs class sub-folders in data.train")
+            kw["num_classes"] = len(train_set.classes)
+        alignment = build_alignment(
+            config.alignment.kind,
+            student_dim=mcfg.align_dim,
+            source=config.alignment.source,
+            temperature=config.alignment.temperature,
+            **kw,
+        ).to(device)
+
+    lc = config.loss
+    perceptual = None
+    if lc.perceptual != "none" and lc.perceptual_weight > 0:
+        perceptual = LPIPS(variant=lc.perceptual, weights=lc.perceptual_heads, backbone_weights=lc.perceptual_backbone)
+    loss_fn = TokenizerLoss(
+        weights=LossWeights(
+            reconstruction=lc.reconstruction_weight,
+            perceptual=lc.perceptual_weight,
+            adversarial=lc.adversarial_weight,
+            lecam=lc.lecam_weight,
+            entropy=lc.entropy_weight,
+            commitment=lc.commitment_weight,
+            source_recovery=lc.source_recovery_weight,
+            alignment=lc.alignment_weight,
+        ),
+        reconstruction=lc.reconstruction,
+        perceptual=perceptual,
+        adversarial_loss=lc.adversarial_loss,
+        adaptive=lc.adversarial_mode == "adaptive",
+        adaptive_max_weight=lc.adaptive_max_weight,
+        disc_start=lc.disc_start,
+        lecam_decay=lc.lecam_decay,
+    ).to(device)
+    discriminator = PatchGANDiscriminator(base_channels=lc.disc_channels, num_layers=lc.disc_layers).to(device)
+
+    gen_params = [p for p in model.parameters() if p.requires_grad]
+    if alignment is not None and alignment.classifier is not None:
+        gen_params += [p for p in alignment.classifier.parameters() if p.requires_grad]
+    o = config.optim
+    disc_lr = o.disc_lr if o.disc_lr is not None else o.lr
+    opt = dict(kind=o.optimizer, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    return _Parts(
+        model=model,
+        ema=EMA(model, decay=config.ema_decay),
+        discriminator=discriminator,
+        alignment=alignment,
+        align_branch=align_branch,
+        loss_fn=loss_fn,
+        sampler=sampler,
+        train_set=train_set,
+        image_size=image_size,
+        gen_params=gen_params,
+        opt_g=build_optimizer(gen_params, lr=o.lr, **opt),
+        opt_d=build_optimizer(discriminator.parameters(), lr=disc_lr, **opt),
+        scaler_g=make_scaler(device, config.precision),
+        scaler_d=make_scaler(device, config.precision),
+        disc_lr=disc_lr,
+    )
 
 
-def _json_plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=list))
-
-
-def _check_model_config(saved: dict[str, Any], current: dict[str, Any], *, path: Path) -> None:
-    saved, current = _json_plain(saved), _json_plain(current)
-    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and k != "notes")
-    if not keys:
+def _check_same_model(state: dict[str, Any], path: Path, *, current: TokenizerConfig) -> None:
+    """Refuse a checkpoint written for another tokenizer, naming the keys that differ."""
+    saved = json.loads(state["model_config"])
+    diffs = config_diff(saved, current.to_dict(), ignore=("notes",))
+    if not diffs:
         return
-    diffs = ", ".join(f"{k} ({saved.get(k)!r} vs {current.get(k)!r})" for k in keys[:6])
-    more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
+    listed = ", ".join(f"{k} ({a!r} vs {b!r})" for k, a, b in diffs[:6])
+    more = f" and {len(diffs) - 6} more" if len(diffs) > 6 else ""
     raise ConfigError(
         f"checkpoint {path} was written for model preset {saved.get('name')!r} but this run uses "
-        f"{current.get('name')!r}; differing tokenizer keys: {diffs}{more}. Use a new output_dir or the checkpoint's "
+        f"{current.name!r}; differing tokenizer keys: {listed}{more}. Use a new output_dir or the checkpoint's "
         "model settings"
     )
 
 
-def _build_optimizer(params: list[nn.Parameter], *, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    o = config.optim
-    cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _configure_determinism(config: TrainConfig, device: torch.device) -> None:
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    if config.deterministic:
-        if device.type == "cuda":
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-class _StopFlag:
-    """Set by SIGTERM/SIGINT: the loop saves a checkpoint after the current step and exits."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no signal handling
-                continue
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # second signal: give up at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    if not du.is_distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item() > 0)
+def _validation_batch(config: TrainConfig, *, image_size: int, device: torch.device) -> Tensor | None:
+    if not config.data.val:
+        return None
+    try:
+        val_set = ImageDataset(config.data.val, transform=eval_transform(image_size), max_images=config.data.val_images)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.val: {e}") from None
+    count = min(len(val_set), config.data.val_images)
+    return torch.stack([val_set[i]["image"] for i in range(count)]).to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -303,9 +256,6 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 def export_latest(output_dir: str | Path, *, destination: str | Path | None = None) -> Path:
     """``save_pretrained`` of the EMA tokenizer in the newest checkpoint (default: ``output_dir/export``)."""
-    from mergevq.config import TokenizerConfig
-    from mergevq.tokenizer.model import MergeVQ
-
     output_dir = Path(output_dir)
     latest = ckpt.find_latest(output_dir / "checkpoints")
     if latest is None:
@@ -326,163 +276,40 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
 
     Process-wide torch settings changed for the run (thread count, deterministic algorithms) are restored on return.
     """
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
+    with preserve_torch_settings():
         return _train(config, progress=progress)
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def _train(config: TrainConfig, *, progress: bool) -> TrainResult:
-    from mergevq.data.images import ImageDataset, make_loader
-    from mergevq.data.transforms import eval_transform, train_transform
-    from mergevq.losses.alignment import build_alignment
-    from mergevq.losses.discriminator import PatchGANDiscriminator
-    from mergevq.losses.tokenizer_loss import LossWeights, TokenizerLoss
-    from mergevq.tokenizer.model import MergeVQ
-
     info = du.init_distributed(device=config.device)
     device = info.device
-    _configure_determinism(config, device)
-    output_dir = Path(config.output_dir)
-    ckpt_root = output_dir / "checkpoints"
-    if info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale(ckpt_root)
-    du.barrier()
-
-    # ---- model, EMA, discriminator, loss, alignment (built identically on every rank from the seed)
-    _reseed_globals(derive_seed(config.seed, 0x1A17))
-    model = MergeVQ.from_preset(config.model.preset, **config.model.overrides).to(device)
-    mcfg = model.config
-    sampler = MergeCountSampler(
-        config=config.merge,
-        num_tokens_full=mcfg.num_tokens_full,
-        default_num_tokens=mcfg.default_num_tokens,
-        seed=config.seed,
+    configure_determinism(device=device, deterministic=config.deterministic, threads=config.threads)
+    output_dir = prepare_output_dir(config.output_dir, info=info)
+    p = _build(config, device=device)
+    model, mcfg = p.model, p.model.config
+    keep_alignment = p.alignment is not None and config.alignment.kind in ("ema", "labels")  # has state of its own
+    checkpointer = Checkpointer(
+        output_dir / "checkpoints",
+        info=info,
+        modules={
+            "model": model,
+            "ema": p.ema.module,
+            "discriminator": p.discriminator,
+            "alignment": p.alignment if keep_alignment else None,
+        },
+        states={"optimizer_g": p.opt_g, "optimizer_d": p.opt_d, "scaler_g": p.scaler_g, "scaler_d": p.scaler_d},
+        keep_last=config.keep_last,
     )
-    image_size = config.data.image_size or mcfg.image_size
-
-    try:
-        train_set = ImageDataset(
-            config.data.train,
-            transform=train_transform(image_size, resize=config.data.resize, hflip=config.data.hflip),
-            max_images=config.data.max_images,
-            seed=config.seed,
-        )
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"data.train: {e}") from None
-
-    use_alignment = config.alignment.kind != "none" and config.loss.alignment_weight > 0
-    if use_alignment and model.align_head is None:
-        raise ConfigError(
-            f"alignment.kind {config.alignment.kind!r} needs an alignment head, but preset {mcfg.name!r} has "
-            "align_head='none'; set alignment.kind=none or loss.alignment_weight=0"
-        )
-    if not use_alignment and model.align_head is not None:
-        model.align_head.requires_grad_(False)  # unused: keep it out of the optimizer and of DDP's reducer
-    align_branch = (
-        _AlignBranch(model.encoder, model.align_head, num_tokens=mcfg.default_num_tokens) if use_alignment else None
-    )
-    alignment = None
-    if use_alignment:
-        kw: dict[str, Any] = dict(config.alignment.options)
-        if config.alignment.kind == "ema":
-            kw["encoder"] = align_branch
-        if config.alignment.kind == "labels":
-            if not train_set.classes:
-                raise ConfigError("alignment.kind 'labels' needs class sub-folders in data.train")
-            kw["num_classes"] = len(train_set.classes)
-        alignment = build_alignment(
-            config.alignment.kind,
-            student_dim=mcfg.align_dim,
-            source=config.alignment.source,
-            temperature=config.alignment.temperature,
-            **kw,
-        ).to(device)
-
-    perceptual = None
-    if config.loss.perceptual != "none" and config.loss.perceptual_weight > 0:
-        from mergevq.losses.perceptual import LPIPS
-
-        perceptual = LPIPS(
-            variant=config.loss.perceptual,
-            weights=config.loss.perceptual_heads,
-            backbone_weights=config.loss.perceptual_backbone,
-        )
-    loss_fn = TokenizerLoss(
-        weights=LossWeights(
-            reconstruction=config.loss.reconstruction_weight,
-            perceptual=config.loss.perceptual_weight,
-            adversarial=config.loss.adversarial_weight,
-            lecam=config.loss.lecam_weight,
-            entropy=config.loss.entropy_weight,
-            commitment=config.loss.commitment_weight,
-            source_recovery=config.loss.source_recovery_weight,
-            alignment=config.loss.alignment_weight,
-        ),
-        reconstruction=config.loss.reconstruction,
-        perceptual=perceptual,
-        adversarial_loss=config.loss.adversarial_loss,
-        adaptive=config.loss.adversarial_mode == "adaptive",
-        adaptive_max_weight=config.loss.adaptive_max_weight,
-        disc_start=config.loss.disc_start,
-        lecam_decay=config.loss.lecam_decay,
-    ).to(device)
-    discriminator = PatchGANDiscriminator(
-        base_channels=config.loss.disc_channels, num_layers=config.loss.disc_layers
-    ).to(device)
-    use_gan = config.loss.adversarial_weight > 0
-
-    extra = alignment.classifier if alignment is not None and alignment.classifier is not None else None
-    gen_params = [p for p in model.parameters() if p.requires_grad]
-    if extra is not None:
-        gen_params += [p for p in extra.parameters() if p.requires_grad]
-    opt_g = _build_optimizer(gen_params, config=config, lr=config.optim.lr)
-    disc_lr = config.optim.disc_lr if config.optim.disc_lr is not None else config.optim.lr
-    opt_d = _build_optimizer(list(discriminator.parameters()), config=config, lr=disc_lr)
-    scaler_g = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    scaler_d = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    ema = EMA(model, decay=config.ema_decay)
-
-    # ---- resume
-    start_step, epoch, batch_in_epoch = 0, 0, 0
-    latest = ckpt.find_latest(ckpt_root)
-    if latest is not None:
-        state = ckpt.load_state(latest.path)
-        _check_model_config(json.loads(state["model_config"]), mcfg.to_dict(), path=latest.path)
-        ckpt.load_module(model, latest.path, "model")
-        ckpt.load_module(ema.module, latest.path, "ema")
-        ckpt.load_module(discriminator, latest.path, "discriminator")
-        if alignment is not None and config.alignment.kind in ("ema", "labels"):
-            ckpt.load_module(alignment, latest.path, "alignment")
-        opt_g.load_state_dict(state["optimizer_g"])
-        opt_d.load_state_dict(state["optimizer_d"])
-        scaler_g.load_state_dict(state["scaler_g"])
-        scaler_d.load_state_dict(state["scaler_d"])
-        ranks = state["ranks"]
-        mine = ranks[info.rank] if info.rank < len(ranks) else ranks[0]
-        loss_fn.lecam.load_state_dict(mine["lecam"])
-        _set_rng_state(mine["rng"])
-        start_step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-        if info.is_main:
-            print(f"Resuming from step {start_step} ({latest.path})", flush=True)
-            if int(state["world_size"]) != info.world_size:
-                print(
-                    f"warning: the checkpoint was written by {state['world_size']} process(es), this run has "
-                    f"{info.world_size}: data order and per-rank random streams will differ from the original run",
-                    flush=True,
-                )
-
+    resumed = checkpointer.resume(check=lambda state, path: _check_same_model(state, path, current=mcfg))
+    if resumed is not None:
+        p.loss_fn.lecam.load_state_dict(resumed.rank_state["lecam"])  # anchors fed by this rank's batches
+    start_step = resumed.step if resumed is not None else 0
     if info.is_main:
         save_config(config, output_dir / "config.yaml")
 
-    # ---- data
+    epoch, batch_in_epoch = (resumed.epoch, resumed.batch_in_epoch) if resumed is not None else (0, 0)
     loader = make_loader(
-        train_set,
+        p.train_set,
         batch_size=config.batch_size,
         shuffle=True,
         num_workers=config.data.num_workers,
@@ -491,25 +318,11 @@ def _train(config: TrainConfig, *, progress: bool) -> TrainResult:
         epoch=epoch,
         start_batch=batch_in_epoch,
     )
-    stream = _BatchStream(loader, epoch=epoch, batch_in_epoch=batch_in_epoch)
-    val_batch = None
-    if config.data.val and info.is_main:
-        try:
-            val_set = ImageDataset(
-                config.data.val, transform=eval_transform(image_size), max_images=config.data.val_images
-            )
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"data.val: {e}") from None
-        val_batch = torch.stack([val_set[i]["image"] for i in range(min(len(val_set), config.data.val_images))])
-        val_batch = val_batch.to(device)
-
-    # ---- DDP
-    gen_step: nn.Module = _GeneratorStep(model, extra)
-    disc_run: nn.Module = discriminator
-    if info.world_size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        gen_step = DDP(gen_step, device_ids=ids, find_unused_parameters=config.find_unused_parameters)
-        disc_run = DDP(discriminator, device_ids=ids)
+    stream = BatchStream(loader, epoch=epoch, batch_in_epoch=batch_in_epoch)
+    val_batch = _validation_batch(config, image_size=p.image_size, device=device) if info.is_main else None
+    extra = p.alignment.classifier if p.alignment is not None and p.alignment.classifier is not None else None
+    p.run_g = wrap_ddp(_TokenizerStep(model, extra), info=info, find_unused_parameters=config.find_unused_parameters)
+    p.run_d = wrap_ddp(p.discriminator, info=info)
 
     logger = TrainLogger(
         output_dir=output_dir,
@@ -518,166 +331,160 @@ def _train(config: TrainConfig, *, progress: bool) -> TrainResult:
         start_step=start_step,
         progress=progress,
     )
+    window = MetricWindow(device=device, samples_per_step=config.batch_size * config.grad_accum * info.world_size)
     if info.is_main and start_step == 0:
         counts = model.parameter_counts()
         logger.info(
             f"training {mcfg.name} ({config.variant}, recipe {config.recipe}) for {config.max_steps} steps, "
-            f"{info.world_size} process(es) on {device.type}, effective batch "
-            f"{config.batch_size * config.grad_accum * info.world_size}, "
-            f"{counts['total'] / 1e6:.2f}M tokenizer parameters; {sampler!r}"
+            f"{info.world_size} process(es) on {device.type}, effective batch {window.samples_per_step}, "
+            f"{counts['total'] / 1e6:.2f}M tokenizer parameters; {p.sampler!r}"
         )
 
-    stop = _StopFlag()
-    stop.install()
-    accum = config.grad_accum
-    window: dict[str, Tensor] = {}
-    window_steps = 0
-    window_time = 0.0
-    total_time = 0.0
-    total_images = 0
     last_postfix: dict[str, float] = {}
-    last_saved: Path | None = latest.path if latest is not None else None
     step = start_step
+    stop = StopFlag()
     try:
-        while step < config.max_steps:
-            t0 = time.perf_counter()
-            num_tokens = sampler.sample(step=step)
-            _reseed_globals(derive_seed(config.seed, step, info.rank))
-            factor = lr_factor(step, config=config.schedule, max_steps=config.max_steps)
-            lr = apply_lr(opt_g, base_lr=config.optim.lr, factor=factor)
-            apply_lr(opt_d, base_lr=disc_lr, factor=factor)
-            gan_on = use_gan and loss_fn.gan_active(step)
-            model.train()
-            discriminator.train()
-            if alignment is not None:
-                alignment.train()
+        with stop:
+            while step < config.max_steps:
+                window.start_step()
+                num_tokens = p.sampler.sample(step=step)
+                reseed_globals(derive_seed(config.seed, step, info.rank))
+                factor = lr_factor(step, config=config.schedule, max_steps=config.max_steps)
+                lr = apply_lr(p.opt_g, base_lr=config.optim.lr, factor=factor)
+                apply_lr(p.opt_d, base_lr=p.disc_lr, factor=factor)
+                _optimizer_step(p, config, step=step, num_tokens=num_tokens, stream=stream, window=window, info=info)
+                step += 1
+                window.add({"num_tokens": float(num_tokens)})
+                log_now = step % config.log_every == 0 or step == config.max_steps
+                window.end_step(sync=log_now)  # timings are read per logging window, not per step
 
-            # ---- generator
-            discriminator.requires_grad_(False)
-            kept: list[tuple[Tensor, Tensor]] = []
-            view_gen = torch.Generator().manual_seed(derive_seed(config.seed, step, info.rank, 0x5717))
-            for micro in range(accum):
-                batch = stream.next()
-                images = batch["image"].to(device, non_blocking=True)
-                labels = batch["label"].to(device, non_blocking=True)
-                align_view = None
-                if alignment is not None:
-                    if config.alignment.view == "augment":
-                        align_view = student_view(images, generator=view_gen, scale=config.alignment.crop_scale)
-                    else:
-                        align_view = images
-                sync = micro == accum - 1 or not isinstance(gen_step, DDP)
-                with contextlib.nullcontext() if sync else gen_step.no_sync():
-                    with _autocast(device, config.precision):
-                        out, student = gen_step(images, num_tokens=num_tokens, align_view=align_view)
-                        align_loss = None
-                        if alignment is not None:
-                            align_loss = alignment(student=student, images=images, labels=labels)
-                        g = loss_fn.generator_loss(
-                            images=images,
-                            reconstruction=out.reconstruction,
-                            model_losses=out.losses,
-                            step=step,
-                            discriminator=discriminator if gan_on else None,
-                            last_layer=model.last_layer,
-                            alignment=align_loss,
-                        )
-                    scaler_g.scale(g.total / accum).backward()
-                kept.append((images, out.reconstruction.detach()))
-                for key, value in g.terms.items():
-                    window[key] = window.get(key, 0.0) + value / accum
-            scaler_g.unscale_(opt_g)
-            max_norm = config.grad_clip if config.grad_clip is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(gen_params, max_norm)
-            scaler_g.step(opt_g)
-            scaler_g.update()
-            opt_g.zero_grad(set_to_none=True)
-            ema.update(model)
-            if alignment is not None and align_branch is not None:
-                alignment.update_teacher(align_branch, momentum=config.alignment.teacher_momentum)
-            window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
-
-            # ---- discriminator
-            if gan_on:
-                discriminator.requires_grad_(True)
-                for micro, (images, recon) in enumerate(kept):
-                    sync = micro == accum - 1 or not isinstance(disc_run, DDP)
-                    with contextlib.nullcontext() if sync else disc_run.no_sync():
-                        with _autocast(device, config.precision):
-                            d = loss_fn.discriminator_loss(
-                                discriminator=disc_run, images=images, reconstruction=recon, step=step
-                            )
-                        scaler_d.scale(d.total / accum).backward()
-                    for key, value in d.terms.items():
-                        window[key] = window.get(key, 0.0) + value / accum
-                scaler_d.step(opt_d)
-                scaler_d.update()
-                opt_d.zero_grad(set_to_none=True)
-            del kept
-
-            step += 1
-            window_steps += 1
-            window["num_tokens"] = window.get("num_tokens", 0.0) + float(num_tokens)
-            log_now = step % config.log_every == 0 or step == config.max_steps
-            if log_now and device.type == "cuda":
-                torch.cuda.synchronize(device)  # timings are read per logging window, not per step
-            dt = time.perf_counter() - t0
-            window_time += dt
-            total_time += dt
-            total_images += config.batch_size * accum * info.world_size
-
-            # ---- logging, validation, checkpoints
-            if log_now:
-                means = du.all_reduce_mean({k: v / window_steps for k, v in window.items()}, device=device)
-                ips = config.batch_size * accum * info.world_size * window_steps / max(window_time, 1e-9)
-                means.update(lr=lr, images_per_s=ips)
-                logger.scalars(step=step, values=means)
-                last_postfix = {"loss": means.get("total", float("nan")), "img/s": ips, "K": num_tokens}
-                window, window_steps, window_time = {}, 0, 0.0
-            logger.advance(step=step, postfix=last_postfix)
-            if val_batch is not None and (step % config.val_every == 0 or step == config.max_steps):
-                _validate(ema.module, val_batch, step=step, logger=logger, precision=config.precision)
-            stop_now = _any_rank(stop.requested, device)
-            if step % config.checkpoint_every == 0 or step == config.max_steps or stop_now:
-                last_saved = _save(
-                    ckpt_root,
-                    config=config,
-                    info=info,
-                    step=step,
-                    stream=stream,
-                    model=model,
-                    ema=ema,
-                    discriminator=discriminator,
-                    alignment=alignment,
-                    loss_fn=loss_fn,
-                    optimizers=(opt_g, opt_d),
-                    scalers=(scaler_g, scaler_d),
-                )
+                if log_now:
+                    means = window.reduce()
+                    values = {**means.values, "lr": lr, "images_per_s": means.samples_per_s}
+                    logger.scalars(step=step, values=values)
+                    last_postfix = {
+                        "loss": values.get("total", float("nan")),
+                        "img/s": means.samples_per_s,
+                        "K": num_tokens,
+                    }
+                logger.advance(step=step, postfix=last_postfix)
+                if val_batch is not None and (step % config.val_every == 0 or step == config.max_steps):
+                    _validate(p.ema.module, val_batch, step=step, logger=logger, precision=config.precision)
+                stop_now = any_rank(stop.requested, device=device)
+                if step % config.checkpoint_every == 0 or step == config.max_steps or stop_now:
+                    checkpointer.save(
+                        step=step,
+                        stream=stream,
+                        rank_extra={"lecam": {k: v.detach().cpu() for k, v in p.loss_fn.lecam.state_dict().items()}},
+                        extra={
+                            "model_config": json.dumps(mcfg.to_dict(), default=list),
+                            "train_config": json.dumps(config_to_dict(config)),
+                        },
+                        meta={"preset": mcfg.name},
+                    )
                 if stop_now:
                     logger.info(f"stopping at step {step} on request; run the same command again to resume")
                     break
     finally:
-        stop.restore()
         logger.close()
 
     export_dir = None
     if config.export and step >= config.max_steps and info.is_main:
-        export_dir = ema.module.save_pretrained(output_dir / "export")
+        export_dir = p.ema.module.save_pretrained(output_dir / "export")
         print(f"exported the EMA tokenizer to {export_dir}", flush=True)
     du.barrier()
-    ips = total_images / total_time if total_time > 0 else None
     du.cleanup()
     return TrainResult(
         output_dir=output_dir,
         step=step,
-        checkpoint=last_saved,
+        checkpoint=checkpointer.latest,
         export=export_dir,
-        images_per_second=ips,
+        images_per_second=window.run_samples_per_s,
         rank=info.rank,
+        interrupted_by=stop.signum if step < config.max_steps else None,
         model=model,
-        ema_model=ema.module,
-        discriminator=discriminator,
+        ema_model=p.ema.module,
+        discriminator=p.discriminator,
     )
+
+
+def _optimizer_step(
+    p: _Parts,
+    config: TrainConfig,
+    *,
+    step: int,
+    num_tokens: int,
+    stream: BatchStream,
+    window: MetricWindow,
+    info: du.DistInfo,
+) -> None:
+    """One optimizer step of the tokenizer, then (once the GAN is on) one of the discriminator."""
+    gen_step, disc_run, device = p.run_g, p.run_d, info.device
+    assert gen_step is not None and disc_run is not None
+    accum = config.grad_accum
+    gan_on = config.loss.adversarial_weight > 0 and p.loss_fn.gan_active(step)
+    p.model.train()
+    p.discriminator.train()
+    if p.alignment is not None:
+        p.alignment.train()
+
+    # ---- tokenizer (the GAN's generator), discriminator frozen
+    p.discriminator.requires_grad_(False)
+    kept: list[tuple[Tensor, Tensor]] = []
+    view_gen = torch.Generator().manual_seed(derive_seed(config.seed, step, info.rank, 0x5717))
+    for micro in range(accum):
+        batch = stream.next()
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        align_view = None
+        if p.alignment is not None:
+            if config.alignment.view == "augment":
+                align_view = student_view(images, generator=view_gen, scale=config.alignment.crop_scale)
+            else:
+                align_view = images
+        # no_sync must cover the forward too: DDP decides there whether the backward all-reduces.
+        with maybe_no_sync(gen_step, sync=micro == accum - 1):
+            with autocast(device, config.precision):
+                out, student = gen_step(images, num_tokens=num_tokens, align_view=align_view)
+                align_loss = None
+                if p.alignment is not None:
+                    align_loss = p.alignment(student=student, images=images, labels=labels)
+                g = p.loss_fn.generator_loss(
+                    images=images,
+                    reconstruction=out.reconstruction,
+                    model_losses=out.losses,
+                    step=step,
+                    discriminator=p.discriminator if gan_on else None,
+                    last_layer=p.model.last_layer,
+                    alignment=align_loss,
+                )
+            p.scaler_g.scale(g.total / accum).backward()
+        kept.append((images, out.reconstruction.detach()))
+        window.add(g.terms, scale=1.0 / accum)
+    p.scaler_g.unscale_(p.opt_g)
+    max_norm = config.grad_clip if config.grad_clip is not None else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(p.gen_params, max_norm)
+    p.scaler_g.step(p.opt_g)
+    p.scaler_g.update()
+    p.opt_g.zero_grad(set_to_none=True)
+    p.ema.update(p.model)
+    if p.alignment is not None and p.align_branch is not None:
+        p.alignment.update_teacher(p.align_branch, momentum=config.alignment.teacher_momentum)
+    window.add({"grad_norm": grad_norm.float()})
+
+    # ---- discriminator, on the same micro-batches
+    if not gan_on:
+        return
+    p.discriminator.requires_grad_(True)
+    for micro, (images, recon) in enumerate(kept):
+        with maybe_no_sync(disc_run, sync=micro == accum - 1):
+            with autocast(device, config.precision):
+                d = p.loss_fn.discriminator_loss(discriminator=disc_run, images=images, reconstruction=recon, step=step)
+            p.scaler_d.scale(d.total / accum).backward()
+        window.add(d.terms, scale=1.0 / accum)
+    p.scaler_d.step(p.opt_d)
+    p.scaler_d.update()
+    p.opt_d.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -687,7 +494,7 @@ def _validate(model: nn.Module, images: Tensor, *, step: int, logger: TrainLogge
     values: dict[str, float] = {}
     rows = [images[:8]]
     for k in sorted({cfg.default_num_tokens, cfg.num_tokens_full}):
-        with _autocast(images.device, precision):
+        with autocast(images.device, precision):
             recon = model(images, num_tokens=k).reconstruction.float().clamp(-1, 1)
         mse = (recon - images.float()).square().flatten(1).mean(1) / 4.0  # on [0, 1] pixels
         psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
@@ -697,194 +504,3 @@ def _validate(model: nn.Module, images: Tensor, *, step: int, logger: TrainLogge
     logger.images(step=step, tag="val_reconstruction", rows=rows)
     logger.info(f"step {step}: " + ", ".join(f"val {k} {v:.2f} dB" for k, v in values.items()))
     return values
-
-
-def _save(
-    root: Path,
-    *,
-    config: TrainConfig,
-    info: du.DistInfo,
-    step: int,
-    stream: _BatchStream,
-    model: nn.Module,
-    ema: EMA,
-    discriminator: nn.Module,
-    alignment: nn.Module | None,
-    loss_fn: nn.Module,
-    optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
-    scalers: tuple[torch.amp.GradScaler, torch.amp.GradScaler],
-) -> Path | None:
-    # Per-rank state (RNG, LeCAM anchors fed by local batches) travels to rank 0, which writes everything.
-    local = {"rng": _rng_state(), "lecam": {k: v.detach().cpu() for k, v in loss_fn.lecam.state_dict().items()}}
-    ranks = du.all_gather_objects(local)
-    path = None
-    if info.is_main:
-        weights = {"model": model.state_dict(), "ema": ema.state_dict(), "discriminator": discriminator.state_dict()}
-        if alignment is not None and config.alignment.kind in ("ema", "labels"):
-            weights["alignment"] = alignment.state_dict()
-        state = {
-            "epoch": stream.epoch,
-            "batch_in_epoch": stream.batch_in_epoch,
-            "batches_per_epoch": stream.batches_per_epoch,
-            "world_size": info.world_size,
-            "optimizer_g": optimizers[0].state_dict(),
-            "optimizer_d": optimizers[1].state_dict(),
-            "scaler_g": scalers[0].state_dict(),
-            "scaler_d": scalers[1].state_dict(),
-            "ranks": ranks,
-            "model_config": json.dumps(_json_plain(model.config.to_dict())),
-            "train_config": json.dumps(config_to_dict(config)),
-        }
-        meta = {"preset": model.config.name, "epoch": stream.epoch, "batch_in_epoch": stream.batch_in_epoch}
-        path = ckpt.save_checkpoint(
-            root, step=step, weights=weights, state=state, meta=meta, keep_last=config.keep_last
-        )
-    du.barrier()
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------------
-
-_EPILOG = """\
-overrides:
-  Any config key as section.key=value, parsed as YAML, e.g.
-    max_steps=2000 batch_size=16 optim.lr=2e-4 optim.betas=[0.5,0.9] data.val=null
-    model.preset=tiny-64 model.overrides.codebook_bits=12 loss.reconstruction=l2 recipe=paper
-  An unknown key or a wrongly typed value stops with a one-line error (exit code 2).
-
-output (output_dir):
-  config.yaml       the fully resolved config of the latest launch
-  checkpoints/      step_NNNNNNNN/ (model, EMA, discriminator safetensors + state.pt); the newest is resumed
-  logs/             train.log, train.jsonl, tb/ (TensorBoard), images/ (validation grids)
-  export/           the EMA tokenizer, loadable with MergeVQ.from_pretrained
-
-Running the same command again resumes from the newest checkpoint ("Resuming from step N (...)").
-Multi-GPU / multi-node: torchrun --nproc_per_node=N -m mergevq.train.tokenizer CONFIG [key=value ...]
-SIGTERM/SIGINT save a checkpoint after the current step, then exit.
-"""
-
-
-_USAGE = "%(prog)s [--export-only | --print-config] [--no-progress] CONFIG [key=value ...]"
-
-
-def _keys_help() -> str:
-    """Every config key, grouped by section, generated from the dataclasses."""
-    import textwrap
-
-    lines = ["config keys (defaults and comments: mergevq/train/config.py; examples: configs/):"]
-    top = []
-    for f in dataclasses.fields(TrainConfig):
-        default = getattr(TrainConfig(), f.name)
-        if dataclasses.is_dataclass(default):
-            names = ", ".join(g.name for g in dataclasses.fields(default))
-            if f.name == "model":
-                names += " (overrides.<any TokenizerConfig field>)"
-            body = textwrap.fill(names, width=100, subsequent_indent=" " * 14)
-            lines.append(f"  {f.name + '.':<11} {body}")
-        else:
-            top.append(f.name)
-    lines.append("  " + textwrap.fill(", ".join(top), width=110, subsequent_indent="  "))
-    return "\n".join(lines) + "\n\n"
-
-
-_FLAGS = {"--export-only": "export_only", "--print-config": "print_config", "--no-progress": "no_progress"}
-
-
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML training config (see configs/cifar10/*.yaml, configs/imagenet/*.yaml)")
-    # REMAINDER so that options may follow the overrides (plain nargs="*" stops at the first option).
-    parser.add_argument(
-        "overrides", nargs=argparse.REMAINDER, metavar="key=value", help="config overrides, e.g. optim.lr=2e-4"
-    )
-    parser.add_argument(
-        "--export-only",
-        action="store_true",
-        help="do not train: save the EMA tokenizer of the newest checkpoint to output_dir/export and exit",
-    )
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs are still written)")
-    parser.set_defaults(func=_run, _parser=parser)
-
-
-def _split_flags(args: argparse.Namespace) -> list[str] | int:
-    """Move options written after the overrides onto ``args``; returns the overrides, or an exit code."""
-    overrides = []
-    for token in args.overrides:
-        if token in _FLAGS:
-            setattr(args, _FLAGS[token], True)
-        elif token in ("-h", "--help"):
-            args._parser.print_help()
-            return 0
-        elif token.startswith("-"):
-            print(f"error: unknown option {token!r} (options: {', '.join(_FLAGS)})", file=sys.stderr)
-            return 2
-        else:
-            overrides.append(token)
-    return overrides
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``train-tokenizer`` to the ``mergevq`` command."""
-    parser = subparsers.add_parser(
-        "train-tokenizer",
-        help="train (or resume) a MergeVQ tokenizer",
-        description="Train a MergeVQ tokenizer (stage 1): reconstruction, perceptual, adversarial, LFQ, source "
-        "recovery and alignment losses; EMA weights; resumable checkpoints; DDP under torchrun.",
-        usage=_USAGE,
-        epilog=_keys_help() + _EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_arguments(parser)
-    return parser
-
-
-def _run(args: argparse.Namespace) -> int:
-    overrides = _split_flags(args)
-    if isinstance(overrides, int):
-        return overrides
-    try:
-        config = load_config(args.config, overrides=overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(config_to_dict(config), sort_keys=False, width=120), end="")
-        return 0
-    if args.export_only:
-        try:
-            path = export_latest(config.output_dir)
-        except FileNotFoundError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"exported the EMA tokenizer to {path}")
-        return 0
-    try:
-        result = train(config, progress=not args.no_progress)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if result.images_per_second is not None and result.rank == 0:
-        print(f"done: {result.step} steps, {result.images_per_second:.1f} images/s (training only)", flush=True)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mergevq.train.tokenizer`` (what torchrun launches)."""
-    parser = argparse.ArgumentParser(
-        prog="mergevq train-tokenizer",
-        description="Train (or resume) a MergeVQ tokenizer.",
-        usage=_USAGE,
-        epilog=_keys_help() + _EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

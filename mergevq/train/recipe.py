@@ -1,4 +1,7 @@
-"""Stage-1 training configuration: nested dataclasses, strict YAML loading and dotted ``key=value`` overrides.
+"""The stage-1 training recipe (``TrainConfig``): nested dataclasses, per-variant and per-recipe defaults.
+
+The architecture lives elsewhere: :mod:`mergevq.tokenizer.config` holds the tokenizer presets; this recipe only names
+a preset (``model.preset``) and optional field overrides.
 
 Values are resolved in layers, later ones winning:
 
@@ -13,42 +16,38 @@ Values are resolved in layers, later ones winning:
 5. command-line overrides ``section.key=value`` (values parsed as YAML scalars, e.g. ``optim.lr=2e-4``,
    ``optim.betas=[0.5,0.9]``, ``data.val=null``).
 
-Loading is strict: an unknown key or a value of the wrong type is a :class:`ConfigError` with a one-line message that
-names the key and where it came from.
+Loading is strict (:mod:`mergevq.train.config_io`): an unknown key or a value of the wrong type is a
+:class:`~mergevq.train.config_io.ConfigError` with a one-line message that names the key and where it came from.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from mergevq.train.merge_sampling import MergeSamplingConfig
+from mergevq.nn.tome import merge_schedule
+from mergevq.tokenizer.config import PRESETS, TokenizerConfig, get_preset
+from mergevq.train.config_io import (
+    ConfigError,
+    build_dataclass,
+    check_section,
+    deep_merge,
+    nest,
+    read_user_values,
+)
+from mergevq.train.merge_sampling import MergeCountSampler, MergeSamplingConfig
 from mergevq.train.schedule import ScheduleConfig
 
 __all__ = [
     "AlignmentSection",
-    "ConfigError",
     "DataSection",
     "LossSection",
     "ModelSection",
     "OptimSection",
     "TrainConfig",
-    "config_to_dict",
     "load_config",
-    "parse_overrides",
-    "save_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with a one-line message naming the key and its source."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -58,7 +57,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    preset: str = "tiny-32"  # a name from mergevq.config.PRESETS
+    preset: str = "tiny-32"  # a name from mergevq.tokenizer.config.PRESETS
     overrides: dict[str, Any] = field(default_factory=dict)  # TokenizerConfig fields to change
 
 
@@ -211,288 +210,54 @@ _PAPER_SCHEDULE = {"g": "step", "gr": "step", "r": "cosine"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Strict conversion
+# Loading
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if tp is type(None):
-        return "null"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return f"a list of {len(args)} values"
-    if origin is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
-
-
-class _Mismatch(Exception):
-    pass
-
-
-def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
-    """``value`` converted to ``tp``; raises ConfigError naming ``key`` and ``source``."""
-    try:
-        return _convert_inner(value, tp, key, source)
-    except _Mismatch:
-        raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}") from None
-
-
-def _convert_inner(value: Any, tp: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _Mismatch
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _Mismatch
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert_inner(value, arg, key, source)
-            except (_Mismatch, ConfigError):
-                continue
-        raise _Mismatch
-    if origin is Literal:
-        if value in typing.get_args(tp) and not isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads "1e-4" (no dot) as a string; accept plain numeric spellings.
-            try:
-                return float(value)
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        (item_tp,) = typing.get_args(tp)
-        return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise _Mismatch
-        return tuple(_convert(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _Mismatch
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise _Mismatch
-        return _check_section(value, tp, key, source)
-    raise ConfigError(f"{source}: {key}: unsupported field type {tp}")
-
-
-def _check_section(raw: dict[str, Any], cls: type, prefix: str, source: str) -> dict[str, Any]:
-    """Type-check a (partial) raw mapping against dataclass ``cls``; returns the converted partial mapping."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    out: dict[str, Any] = {}
-    for name, value in raw.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in hints or name not in names:
-            close = difflib.get_close_matches(str(name), names, n=1)
-            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: unknown key '{key}'{hint}")
-        out[name] = _convert(value, hints[name], key, source)
-    return out
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
-    """Instantiate ``cls`` from an already type-checked mapping (nested dataclasses included)."""
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-            value = _build(tp, value, f"{prefix}{f.name}.", source)
-        kwargs[f.name] = value
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        # __post_init__ checks name the key relative to their section; add the section prefix if missing.
-        message = str(e)
-        if prefix and not message.startswith(prefix):
-            message = prefix + message
-        raise ConfigError(f"{source}: {message}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Layers
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in dotted.items():
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
-
-
-def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    """``["a.b=1", "c=x"]`` → ``[("a.b", 1), ("c", "x")]``; values are parsed as YAML scalars."""
-    parsed: list[tuple[str, Any]] = []
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {item!r}: expected section.key=value")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0]
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({first})") from None
-        parsed.append((key, value))
-    return parsed
 
 
 def _preset_variant(preset: str, overrides: dict[str, Any]) -> str | None:
-    """The variant of a model preset, read from the tokenizer's preset registry."""
+    """The variant of a model preset, read from the tokenizer's preset registry (None: unknown preset)."""
     try:
-        from mergevq.config import get_preset
-    except ImportError:
-        get_preset = None
-    if get_preset is not None:
-        try:
-            variant = overrides.get("variant") or get_preset(preset).variant
-            return str(variant)
-        except ValueError:
-            return None
-    for prefix in ("gr", "g", "r"):
-        if preset.startswith(prefix + "-"):
-            return prefix
-    return None
+        return str(overrides.get("variant") or get_preset(preset).variant)
+    except ValueError:
+        return None
 
 
 def _check_model_overrides(section: dict[str, Any], source: str) -> None:
     """Type-check ``model.overrides`` against the tokenizer's config fields, and the preset name."""
     model = section.get("model", {})
-    try:
-        from mergevq.config import PRESETS, TokenizerConfig
-    except ImportError:
-        return
     if "preset" in model and model["preset"] not in PRESETS:
         raise ConfigError(f"{source}: model.preset: unknown preset {model['preset']!r}; available: {sorted(PRESETS)}")
     if "overrides" in model:
-        model["overrides"] = _check_section(model["overrides"], TokenizerConfig, "model.overrides", source)
+        model["overrides"] = check_section(model["overrides"], TokenizerConfig, prefix="model.overrides", source=source)
 
 
 def load_config(path: str | Path | None = None, *, overrides: list[str] | None = None) -> TrainConfig:
     """Build a :class:`TrainConfig` from defaults, variant and recipe layers, a YAML file and dotted overrides."""
-    source = str(path) if path is not None else "defaults"
-    file_raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
-        file_raw = loaded
-    file_checked = _check_section(file_raw, TrainConfig, "", source)
-    _check_model_overrides(file_checked, source)
-
-    cli_checked: dict[str, Any] = {}
-    for key, value in parse_overrides(overrides or []):
-        one = _check_section(_nest({key: value}), TrainConfig, "", "command line")
-        _check_model_overrides(one, "command line")
-        cli_checked = _deep_merge(cli_checked, one)
-
-    user = _deep_merge(file_checked, cli_checked)
-    preset = user.get("model", {}).get("preset", ModelSection.preset)
-    model_overrides = user.get("model", {}).get("overrides", {})
-    variant = user.get("variant", "auto")
+    user = read_user_values(TrainConfig, path, overrides=overrides, check=_check_model_overrides)
+    values, source = user.values, user.source
+    preset = values.get("model", {}).get("preset", ModelSection.preset)
+    variant = values.get("variant", "auto")
     if variant == "auto":
-        variant = _preset_variant(preset, model_overrides)
+        variant = _preset_variant(preset, values.get("model", {}).get("overrides", {}))
         if variant is None:
             raise ConfigError(f"{source}: variant: cannot infer it from model.preset {preset!r}; set g, gr or r")
-    recipe = user.get("recipe", "code")
+    recipe = values.get("recipe", "code")
 
     layer = dict(_VARIANT_LAYERS[variant])
     layer.update(_RECIPE_LAYERS[recipe])
     if recipe == "paper":
         layer["schedule.kind"] = _PAPER_SCHEDULE[variant]
-    layer_checked = _check_section(_nest(layer), TrainConfig, "", f"{variant}/{recipe} defaults")
+    layer_checked = check_section(nest(layer), TrainConfig, prefix="", source=f"{variant}/{recipe} defaults")
 
-    merged = _deep_merge(layer_checked, user)
+    merged = deep_merge(layer_checked, values)
     merged["variant"] = variant
-    if overrides:
-        source = f"{source} + command line"
-    config = _build(TrainConfig, merged, "", source)
+    config = build_dataclass(TrainConfig, merged, source=source)
     _check_model_and_merge(config, source)
     return config
 
 
 def _check_model_and_merge(config: TrainConfig, source: str) -> None:
     """Build the tokenizer config and the merge-count sampler once, so bad combinations fail at load time."""
-    try:
-        from mergevq.config import get_preset
-    except ImportError:
-        return
-    from mergevq.train.merge_sampling import MergeCountSampler
-
     try:
         model_config = get_preset(config.model.preset, **config.model.overrides)
     except (TypeError, ValueError) as e:
@@ -511,10 +276,6 @@ def _check_model_and_merge(config: TrainConfig, source: str) -> None:
         )
     except ValueError as e:
         raise ConfigError(f"{source}: merge: {e}") from None
-    try:
-        from mergevq.nn.tome import merge_schedule
-    except ImportError:
-        return
     for k in sampler.candidates:
         # The encoder merges at most half of the tokens per block: small K may be out of reach for a shallow model.
         try:
@@ -526,31 +287,3 @@ def _check_model_and_merge(config: TrainConfig, source: str) -> None:
             )
         except ValueError as e:
             raise ConfigError(f"{source}: merge: candidate K={k}: {e}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Saving
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def config_to_dict(config: TrainConfig) -> dict[str, Any]:
-    """Plain nested dict (lists instead of tuples), suitable for YAML and JSON."""
-    return _plain(dataclasses.asdict(config))
-
-
-def save_config(config: TrainConfig, path: str | Path) -> None:
-    """Write the fully resolved config; loading it back gives an equal :class:`TrainConfig`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=None, width=120)
-    path.write_text(text)
