@@ -15,7 +15,9 @@ from PIL import Image
 import mergevq.cli
 from mergevq import MergeVQ
 from mergevq.commands import reconstruct
-from mergevq.data.tokens import load_tokens
+from mergevq.data.images import ImageDataset
+from mergevq.data.tokens import TokenDataset, load_tokens
+from mergevq.data.transforms import eval_transform
 
 COMMAND_MODULES = ("mergevq.commands.reconstruct", "mergevq.commands.encode")
 
@@ -144,7 +146,8 @@ def test_encode_cifar_subset_is_deterministic(model_dir, cifar10_root, tmp_path)
     assert int(tokens.indices.max()) < 2**18
     assert set(tokens.labels.tolist()) == set(range(10))  # the strided subset keeps every class
     meta = tokens.meta
-    assert meta["tokenizer"] == "tiny-32" and meta["num_tokens"] == 16 and meta["num_positions"] == 64
+    assert tokens.num_tokens_available == (16,) and tokens.num_tokens == 16
+    assert meta["tokenizer"] == "tiny-32" and meta["num_tokens"] == [16] and meta["num_positions"] == 64
     assert meta["grid"] == [8, 8] and meta["image_size"] == 32 and meta["vocab_size"] == 2**18
     assert meta["class_names"][:2] == ["airplane", "automobile"] and meta["num_classes"] == 10
     assert meta["dataset_root"] == str((cifar10_root / "test").resolve())
@@ -172,11 +175,57 @@ def test_encode_skips_corrupt_files(model_dir, images_dir, tmp_path, capsys) -> 
     assert "mergevq encode: warning: skipping unreadable image" in capsys.readouterr().err
 
 
+def test_encode_several_k_matches_the_model(model_dir, cifar10_root, tmp_path, capsys) -> None:
+    path = tmp_path / "multi.safetensors"
+    data = cifar10_root / "test"
+    rc = cli("encode", "--model", model_dir, "--data", data, "--num-tokens", "64", "16", "--output", path,
+             "--max-images", "6", "--batch-size", "4", "--num-workers", "0", "--device", "cpu")  # fmt: skip
+    assert rc == 0
+    assert "wrote 6 image(s) x K=16,64 tokens (L=64)" in capsys.readouterr().out
+    tokens = load_tokens(path)
+    assert tokens.num_tokens_available == (16, 64) and len(tokens) == 6 and tokens.num_positions == 64
+    meta = tokens.meta
+    assert meta["num_tokens"] == [16, 64] and meta["num_positions"] == 64 and meta["grid"] == [8, 8]
+    assert meta["codebook_bits"] == 18 and meta["image_size"] == 32 and meta["tokenizer"] == "tiny-32"
+    assert meta["tokenizer_config"]["name"] == "tiny-32" and meta["split"] == "test"
+    with pytest.raises(ValueError, match=r"multi\.safetensors holds no K=32 tokens; available K: \[16, 64\]"):
+        tokens.get(num_tokens=32)
+
+    # The same images through the model directly, in the command's batches (4 + 2), agree token for token.
+    model = MergeVQ.from_pretrained(model_dir).eval()
+    dataset = ImageDataset(data, transform=eval_transform(32), max_images=6)
+    images = torch.stack([dataset[i]["image"] for i in range(6)])
+    assert tokens.labels.tolist() == [dataset[i]["label"] for i in range(6)]
+    for k in (16, 64):
+        with torch.inference_mode():
+            encoded = [model.encode(chunk, num_tokens=k) for chunk in images.split(4)]
+        indices = torch.cat([e.indices for e in encoded])
+        assignment = torch.cat([e.assignment for e in encoded])
+        got_indices, got_assignment = tokens.get(num_tokens=k)
+        assert got_indices.shape == (6, k) and got_assignment.shape == (6, 64)
+        assert torch.equal(got_indices, indices) and torch.equal(got_assignment, assignment)
+        raster = got_indices.gather(1, got_assignment)  # what the decoder sees for each grid position
+        assert torch.equal(raster, indices.gather(1, assignment))
+
+    # The token dataset serves either K from the one file; gather gives the K-sparse raster target.
+    dataset_k = TokenDataset(tokens)
+    rows = torch.tensor([5, 0, 2])
+    for k in (16, 64):
+        batch = dataset_k.batch(rows, num_tokens=k)
+        assert batch.indices.shape == (3, k) and batch.assignment.shape == (3, 64) and batch.labels.shape == (3,)
+        expected = tokens.get(num_tokens=k)[0].gather(1, tokens.get(num_tokens=k)[1])[rows]
+        assert torch.equal(batch.raster_indices(), expected)
+        for raster_row, kept in zip(batch.raster_indices(), batch.indices):
+            assert set(raster_row.tolist()) == set(kept.tolist())  # every merged token owns a position
+    assert torch.equal(dataset_k.batch(rows, num_tokens=64).labels, tokens.labels[rows])
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
         (["--num-tokens", "65"], "K=65"),
-        (["--num-tokens", "8", "16"], "one K per token file"),
+        (["--num-tokens", "8", "65", "16"], "K=65"),
+        (["--num-tokens", "0"], "K=0"),
     ],
 )
 def test_encode_argument_errors(model_dir, images_dir, tmp_path, capsys, extra, needle) -> None:

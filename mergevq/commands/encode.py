@@ -1,7 +1,8 @@
 """``mergevq encode``: turn an image folder into a stage-2 token file (indices, assignments, labels, metadata).
 
-One K per file: the generators train on a fixed number of merged tokens, and they read one file per split, so
-encoding at several K means running the command once per K (``--output tokens_k36.safetensors`` and so on).
+Several K per file: ``--num-tokens 16 32 64`` stores one indices/assignment pair per K next to one label vector, so
+a generator can train with K drawn per step from a single file per split. Images are decoded from disk once; the
+encoder runs once per K on each batch (merging depends on K, so nothing is shared between K).
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ COMMAND = "encode"
 
 _EXAMPLES = """\
 examples:
-  mergevq encode --model runs/tiny32/export --data data/cifar10/train --num-tokens 36 --output tok/train_k36.safetensors
-  mergevq encode --model runs/tiny32/export --data data/cifar10/test --num-tokens 36 --output tok/val_k36.safetensors \\
-      --split-name val --batch-size 256 --num-workers 8
+  mergevq encode --model runs/tiny32/export --data data/cifar10/train --num-tokens 16 32 64 \\
+      --output tok/train.safetensors
+  mergevq encode --model runs/tiny32/export --data data/cifar10/test --num-tokens 16 32 64 \\
+      --output tok/val.safetensors --split-name val --batch-size 256 --num-workers 8
 
-The file holds indices [N,K], assignment [N,L] (merged token of each grid position) and labels [N] (-1 for a flat
-folder), in the dataset's sorted order. Images are resized (shorter side) and center-cropped to the model's image
-size. Unreadable files are skipped with a warning and counted in the metadata. One K per file: run the command once
-per K you want (stage 2 reads one K per file).
+The file holds labels [N] (-1 for a flat folder) and, for every K given, indices_k{K} [N,K] and assignment_k{K}
+[N,L] (merged token of each grid position), in the dataset's sorted order. Images are resized (shorter side) and
+center-cropped to the model's image size, decoded once and encoded once per K. Unreadable files are skipped with a
+warning and counted in the metadata.
 """
 
 
@@ -51,8 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         COMMAND,
         help="encode an image folder into a token file for stage-2 training",
         description=(
-            "Encode every image under --data with the MergeVQ tokenizer at K merged tokens and write the codebook\n"
-            "indices, the assignment of each grid position and the class labels to one safetensors token file."
+            "Encode every image under --data with the MergeVQ tokenizer at each K merged tokens given and write the\n"
+            "codebook indices and the assignment of each grid position (one pair per K) and the class labels to one\n"
+            "safetensors token file."
         ),
         epilog=_EXAMPLES,
         formatter_class=HelpFormatter,
@@ -65,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         nargs="+",
         required=True,
-        help="merged tokens per image, in [1, L]; one value (one K per token file)",
+        help="merged tokens per image, each in [1, L]; several values store one entry per K in the same file",
     )
     parser.add_argument("--output", metavar="FILE", required=True, help="token file to write (.safetensors)")
     parser.add_argument("--batch-size", metavar="N", type=positive_int, default=64, help="images encoded at once")
@@ -91,17 +94,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if len(args.num_tokens) != 1:
-        raise CommandError(
-            f"--num-tokens takes one K per token file, got {args.num_tokens}; run encode once per K "
-            "(stage 2 reads one K per file)"
-        )
     if args.num_workers < 0:
         raise CommandError(f"--num-workers must be >= 0, got {args.num_workers}")
     device = resolve_device(args.device)
     model = load_model(model_dir=args.model, device=device)
     config = model.config
-    (k,) = check_num_tokens(args.num_tokens, model=model)
+    ks = sorted(check_num_tokens(args.num_tokens, model=model))
     root = Path(args.data).expanduser()
     try:
         dataset = ImageDataset(root, transform=eval_transform(config.image_size), max_images=args.max_images)
@@ -113,15 +111,19 @@ def _run(args: argparse.Namespace) -> int:
 
     # With no shuffle, row p of the stream is sample p. The dataset replaces an unreadable sample by the next readable
     # one (returning that one's index), so a row whose index differs from its position is a duplicate: drop it.
-    indices, assignments, labels, keep = [], [], [], []
+    indices: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+    assignments: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+    labels, keep = [], []
     skipped: list[str] = []
     position = 0
     try:
         with torch.inference_mode(), one_line_skip_warnings(COMMAND):
             for batch in progress(loader, total=len(loader), desc=COMMAND, unit="batch"):
-                encoded = model.encode(batch["image"].to(device, non_blocking=True), num_tokens=k)
-                indices.append(encoded.indices.cpu())
-                assignments.append(encoded.assignment.cpu())
+                images = batch["image"].to(device, non_blocking=True)  # decoded once, encoded once per K
+                for k in ks:
+                    encoded = model.encode(images, num_tokens=k)
+                    indices[k].append(encoded.indices.cpu())
+                    assignments[k].append(encoded.assignment.cpu())
                 labels.append(batch["label"].cpu())
                 for returned in batch["index"].tolist():
                     ok = returned == position
@@ -134,8 +136,7 @@ def _run(args: argparse.Namespace) -> int:
             raise CommandError(f"none of the {len(dataset)} image files under {root} could be decoded", code=1) from exc
         raise
     mask = torch.tensor(keep, dtype=torch.bool)
-    indices_nk = torch.cat(indices)[mask]
-    assignment_nl = torch.cat(assignments)[mask]
+    entries = {k: (torch.cat(indices[k])[mask], torch.cat(assignments[k])[mask]) for k in ks}
     labels_n = torch.cat(labels)[mask]
 
     grid = (config.grid_size, config.grid_size)
@@ -143,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
         "tokenizer": config.name,
         "tokenizer_config": config.to_dict(),
         "model_dir": str(Path(args.model).expanduser().resolve()),
-        "num_tokens": int(indices_nk.shape[1]),
+        "num_tokens": ks,
         "num_positions": config.num_tokens_full,
         "grid": list(grid),
         "codebook_bits": config.codebook_bits,
@@ -154,14 +155,18 @@ def _run(args: argparse.Namespace) -> int:
         "split": args.split_name or root.resolve().name,
         "class_names": list(dataset.classes),
         "num_classes": len(dataset.classes),
-        "num_images": int(indices_nk.shape[0]),
+        "num_images": int(labels_n.shape[0]),
         "max_images": args.max_images,
         "num_skipped": len(skipped),
         "skipped_files": skipped,
     }
-    path = save_tokens(args.output, indices=indices_nk, assignment=assignment_nl, labels=labels_n, meta=meta)
+    try:
+        path = save_tokens(args.output, entries=entries, labels=labels_n, meta=meta)
+    except OSError as exc:
+        raise CommandError(f"cannot write token file {args.output}: {exc}", code=1) from exc
     note = f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""
-    print(f"wrote {meta['num_images']} image(s) x K={k} tokens (L={config.num_tokens_full}) to {path}{note}")
+    k_text = ",".join(str(k) for k in ks)
+    print(f"wrote {meta['num_images']} image(s) x K={k_text} tokens (L={config.num_tokens_full}) to {path}{note}")
     return 0
 
 
