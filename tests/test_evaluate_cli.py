@@ -17,7 +17,7 @@ from PIL import Image
 import mergevq.cli
 from mergevq import MergeVQ
 from mergevq.commands import benchmark, evaluate, evaluate_generator, evaluate_tokenizer
-from mergevq.eval.fid import InceptionFeatures, load_statistics
+from mergevq.eval.fid import InceptionFeatures, load_statistics, save_statistics
 from mergevq.eval.tokenizer_eval import GaussianAccumulator
 
 COMMAND_MODULES = ("mergevq.commands.evaluate", "mergevq.commands.benchmark")
@@ -250,11 +250,21 @@ def test_fid_is_symmetric_and_positive_and_stats_reference_works(image_sets, tmp
     assert 0.0 <= ab["metrics"]["precision"] <= 1.0 and 0.0 <= ab["metrics"]["recall"] <= 1.0
     assert ab["metrics"]["precision"] == pytest.approx(ba["metrics"]["recall"])  # the roles swap
 
+    # The cache keeps the reference features, so precision/recall need no second Inception pass over it.
     stats = _generator(image_sets["a_npz"], b_stats, tmp_path / "stats.json")
     assert stats["reference"]["format"] == "stats"
     assert stats["metrics"]["fid"] == pytest.approx(ab["metrics"]["fid"], rel=1e-9)
-    assert stats["metrics"]["precision"] is None and stats["metrics"]["recall"] is None
-    assert "statistics" in stats["metrics"]["unavailable"]["precision_recall"]
+    assert stats["metrics"]["precision"] == pytest.approx(ab["metrics"]["precision"])
+    assert stats["metrics"]["recall"] == pytest.approx(ab["metrics"]["recall"])
+
+    # Plain mu/sigma (e.g. published statistics): FID only, with the reason for the missing precision/recall.
+    plain = load_statistics(b_stats)
+    plain.features = None
+    save_statistics(tmp_path / "plain.npz", plain)
+    only_fid = _generator(image_sets["a_npz"], tmp_path / "plain.npz", tmp_path / "plain.json")
+    assert only_fid["metrics"]["fid"] == pytest.approx(ab["metrics"]["fid"], rel=1e-9)
+    assert only_fid["metrics"]["precision"] is None and only_fid["metrics"]["recall"] is None
+    assert "statistics" in only_fid["metrics"]["unavailable"]["precision_recall"]
 
 
 def test_generator_max_images_takes_a_strided_subset(image_sets, tmp_path: Path, pooled_features) -> None:

@@ -176,7 +176,10 @@ def _register_generator(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--inception-weights", metavar="PATH", default=None, help="FID Inception TorchScript file")
     parser.add_argument(
-        "--save-reference-stats", metavar="FILE.npz", default=None, help="cache the reference mu/sigma here"
+        "--save-reference-stats",
+        metavar="FILE.npz",
+        default=None,
+        help="cache the reference mu/sigma (and its features, for precision/recall) here",
     )
     parser.add_argument("--nearest-k", metavar="K", type=positive_int, default=3, help="k of precision/recall")
     parser.add_argument("--batch-size", metavar="N", type=positive_int, default=32, help="Inception batch size")
@@ -223,7 +226,9 @@ def _run_generator(args: argparse.Namespace) -> int:
             reference_stats: FIDStatistics = load_statistics(reference.path)
         except (KeyError, ValueError) as exc:
             raise CommandError(f"--reference: {exc}", code=1) from exc
-        if reference.num_images:  # ADM reference batches also hold their images: precision/recall use them
+        if reference_stats.features is not None:  # a cache written by --save-reference-stats
+            reference_features = torch.from_numpy(reference_stats.features)
+        elif reference.num_images:  # ADM reference batches also hold their images: precision/recall use them
             reference_features = _features(
                 reference, extractor, batch_size=args.batch_size, skipped=skipped, desc="reference"
             )
@@ -260,6 +265,8 @@ def _run_generator(args: argparse.Namespace) -> int:
     if args.save_reference_stats:
         stats_path = Path(args.save_reference_stats).expanduser()
         stats_path.parent.mkdir(parents=True, exist_ok=True)
+        if reference_features is not None and reference_stats.features is None:
+            reference_stats.features = reference_features.float().cpu().numpy()
         save_statistics(stats_path, reference_stats)
 
     payload = {

@@ -361,6 +361,9 @@ class FIDStatistics:
     mu: np.ndarray
     sigma: np.ndarray
     num_images: int | None = None
+    # The pool3 features themselves ``[N, F]`` (float32), kept when a reference is cached so that precision/recall,
+    # which need every reference feature, can reuse it without running Inception again.
+    features: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.mu = np.asarray(self.mu, dtype=np.float64)
@@ -390,6 +393,8 @@ def save_statistics(path: str | Path, stats: FIDStatistics) -> None:
     arrays: dict[str, np.ndarray] = {"mu": stats.mu, "sigma": stats.sigma}
     if stats.num_images is not None:
         arrays["num_images"] = np.asarray(stats.num_images, dtype=np.int64)
+    if stats.features is not None:
+        arrays["features"] = np.asarray(stats.features, dtype=np.float32)
     with open(path, "wb") as handle:  # a file object stops NumPy from appending ".npz"
         np.savez(handle, **arrays)
 
@@ -408,7 +413,8 @@ def load_statistics(path: str | Path, *, extractor: InceptionFeatures | None = N
                 num_images = _npz_image_count(path)
             else:
                 num_images = None
-            return FIDStatistics(mu=data["mu"], sigma=data["sigma"], num_images=num_images)
+            features = np.asarray(data["features"], dtype=np.float32) if "features" in keys else None
+            return FIDStatistics(mu=data["mu"], sigma=data["sigma"], num_images=num_images, features=features)
     if "arr_0" in keys:
         return compute_statistics(compute_features(path, extractor=extractor))
     raise KeyError(f"{path} holds neither mu/sigma nor arr_0 images (keys: {sorted(keys)})")
