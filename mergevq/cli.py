@@ -15,6 +15,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mergevq.commands.train_tokenizer",
     "mergevq.commands.reconstruct",
     "mergevq.commands.encode",
+    "mergevq.commands.sample",
     "mergevq.commands.evaluate",
     "mergevq.commands.benchmark",
 )
@@ -23,7 +24,10 @@ _COMMAND_MODULES: tuple[str, ...] = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mergevq",
-        description="MergeVQ: token-merging visual tokenizer (train, reconstruct, encode, evaluate, benchmark).",
+        description=(
+            "MergeVQ: token-merging visual tokenizer and its generators "
+            "(train, reconstruct, encode, sample, evaluate, benchmark)."
+        ),
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:

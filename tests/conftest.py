@@ -31,3 +31,24 @@ def cifar10_root() -> Path:
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         pytest.skip(f"CIFAR-10 not found at {root} (set MERGEVQ_CIFAR10 to an ImageFolder with train/ and test/)")
     return root
+
+
+@pytest.fixture(scope="session")
+def mergevq_cli():
+    """Run the real ``mergevq`` command in-process: ``mergevq_cli("sample", "--help")`` returns the exit code."""
+    import mergevq.cli
+
+    def run(*argv: str | Path) -> int:
+        args = mergevq.cli.build_parser().parse_args([str(a) for a in argv])
+        return args.func(args)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny-32 tokenizer saved with ``save_pretrained`` (seeded: the same weights every run)."""
+    from mergevq import MergeVQ
+
+    torch.manual_seed(0)
+    return MergeVQ.from_preset("tiny-32").save_pretrained(tmp_path_factory.mktemp("tiny_tokenizer"))
