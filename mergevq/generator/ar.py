@@ -8,6 +8,10 @@ Decoding (:class:`RasterDecoder`): prefill the prefix, then feed one token per s
 new token through the stack; without one (``use_cache=False``) every step recomputes the whole sequence with the
 training mask, the reference that the cached path must reproduce.
 
+A *scheme* (:class:`RasterAR` here; MergeAR, RandAR and MaskGIT in their modules) owns its kind's training loss
+(:meth:`RasterAR.loss`) and its generation loop (:meth:`RasterAR.generate`); :class:`~mergevq.generator.Generator`
+holds the shared weights and dispatches to it.
+
 Einstein legend:
     B   batch (doubled under classifier-free guidance)
     P   prefix tokens (class, and MergeAR's merge instruction)
@@ -17,6 +21,7 @@ Einstein legend:
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,11 +30,13 @@ from torch import Tensor
 from mergevq.generator.config import GeneratorConfig, find_multiple
 from mergevq.generator.gpt import KVCache
 from mergevq.generator.kv_cache import StaticKVCache
+from mergevq.generator.outputs import GenerationOutput, GeneratorOutput, generation_stats
+from mergevq.generator.sampling import Sampler
 
 if TYPE_CHECKING:
     from mergevq.generator.model import Generator
 
-__all__ = ["RasterAR", "RasterDecoder", "raster_positions"]
+__all__ = ["RasterAR", "RasterDecoder", "check_full_grid", "raster_positions", "steps_of"]
 
 
 def raster_positions(grid: tuple[int, int], *, device: torch.device | str | None = None) -> Tensor:
@@ -38,6 +45,27 @@ def raster_positions(grid: tuple[int, int], *, device: torch.device | str | None
         torch.arange(grid[0], device=device), torch.arange(grid[1], device=device), indexing="ij"
     )
     return torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=-1)
+
+
+def check_full_grid(num_tokens: int | None, *, length: int, what: str) -> int:
+    """K for a scheme that models every raster position (K = L; None means L)."""
+    if num_tokens is None:
+        return length
+    if num_tokens != length:
+        raise ValueError(
+            f"{what} models all L={length} raster tokens, so num_tokens must be {length} (got {num_tokens}); "
+            "use kind='mergear' or 'randar' to train on merged (K-sparse) targets"
+        )
+    return num_tokens
+
+
+def steps_of(progress: bool, steps: range, *, unit: str) -> range:
+    """``steps``, wrapped in a progress bar when asked."""
+    if not progress:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc="generate", unit=unit)
 
 
 class RasterAR:
@@ -50,15 +78,7 @@ class RasterAR:
 
     def check_num_tokens(self, num_tokens: int | None) -> int:
         """K for this scheme (vanilla AR models every position: K = L)."""
-        length = self.config.num_positions
-        if num_tokens is None:
-            return length
-        if num_tokens != length:
-            raise ValueError(
-                f"vanilla AR models all L={length} raster tokens, so num_tokens must be {length} (got {num_tokens}); "
-                "use kind='mergear' to train on merged (K-sparse) targets"
-            )
-        return num_tokens
+        return check_full_grid(num_tokens, length=self.config.num_positions, what="vanilla AR")
 
     def prefix(self, model: Generator, labels_B: Tensor, num_tokens: int) -> Tensor:
         """``[B, P, C]`` prefix embeddings."""
@@ -79,6 +99,77 @@ class RasterAR:
             dtype=dtype,
             device=device,
         )
+
+    # ------------------------------------------------------------------ training
+    def loss(
+        self,
+        model: Generator,
+        *,
+        indices: Tensor,
+        assignment: Tensor,
+        labels: Tensor,
+        num_tokens: int,
+        return_logits: bool = False,
+    ) -> GeneratorOutput:
+        """Every raster position of ``target [B, L] = indices.gather(1, assignment)`` is supervised.
+
+        ``labels`` are already dropped for CFG; ``num_tokens`` is checked.
+        """
+        target_BL = indices.long().gather(1, assignment.long())
+        x_BSC = torch.cat([self.prefix(model, labels, num_tokens), model.codes.embed(target_BL[:, :-1])], dim=1)
+        p = self.num_prefix
+        none_P2 = torch.full((p, 2), -1, dtype=torch.long, device=model.grid_positions.device)
+        positions_1S2 = torch.cat([none_P2, model.grid_positions[:-1]])[None]
+        h_BSC = model.trunk(x_BSC, positions_BS2=positions_1S2, mask=self.attention_mask(target_BL[:, :-1]))
+        h_BLC = h_BSC[:, p - 1 :]  # the states predicting x_0 … x_{L−1}
+        losses = model.codes.loss(h_BLC, target_BL, label_smoothing=self.config.label_smoothing)
+        loss = losses.pop("loss")
+        logits = model.codes.logits(h_BLC, target_BL) if return_logits else None
+        return GeneratorOutput(loss, losses, logits)
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        model: Generator,
+        *,
+        labels: Tensor,
+        num_tokens: int | None,
+        sampler: Sampler,
+        steps: int | None = None,
+        tome_ratio: float = 0.0,
+        use_cache: bool = True,
+        progress: bool = False,
+    ) -> GenerationOutput:
+        """L raster steps, one token each; ``[B, L]`` grid with the identity assignment."""
+        from mergevq.generator.mergear import groups_from_values
+
+        if steps is not None:
+            raise ValueError(f"steps applies to RandAR and MaskGIT; a {self.config.kind!r} generator decodes L tokens")
+        if tome_ratio:
+            raise ValueError(f"tome_ratio applies to MaskGIT only, not to a {self.config.kind!r} generator")
+        batch, length = labels.shape[0], self.config.num_positions
+        guide = sampler.guide
+        labels_in = torch.cat([labels, torch.full_like(labels, self.config.null_class)]) if guide else labels
+        start = time.perf_counter()
+        dec = RasterDecoder(model, labels=labels_in, num_tokens=num_tokens, use_cache=use_cache)
+        tokens_BL = torch.empty(batch, length, dtype=torch.long, device=labels.device)
+        h_BC = dec.start()
+        for t in steps_of(progress, range(length), unit="tok"):
+            choose = sampler.choose(sampler.weight(t / (length - 1) if length > 1 else 1.0))
+            token_B = model.codes.sample(h_BC, choose=choose)
+            tokens_BL[:, t] = token_B
+            if t < length - 1:
+                h_BC = dec.feed(torch.cat([token_B, token_B]) if guide else token_B)
+        stats = generation_stats(
+            seconds=time.perf_counter() - start,
+            batch=batch,
+            tokens=length,
+            forward_passes=dec.forward_passes,
+            peak_cache_bytes=dec.peak_cache_bytes,
+            distinct_groups=groups_from_values(tokens_BL).counts,
+        )
+        identity_BL = torch.arange(length, device=tokens_BL.device).expand(batch, length).clone()
+        return GenerationOutput(tokens_BL, identity_BL, stats)
 
 
 class RasterDecoder:

@@ -1,7 +1,8 @@
 """Generator configuration and the size presets.
 
 A preset fixes the transformer size only; the task (kind, codebook bits, grid, classes, merge levels) is given by the
-caller::
+caller. Kinds: ``ar`` (vanilla raster LlamaGen), ``mergear`` (SPEC §4), ``randar`` (random-order AR over the K merged
+tokens, SPEC §5) and ``maskgit`` (bidirectional masked prediction over the L grid tokens, SPEC §6.3)::
 
     cfg = GeneratorConfig.from_preset("tiny", kind="mergear", codebook_bits=18, grid=(8, 8), num_classes=10,
                                       merge_levels=(16, 32, 64))
@@ -31,12 +32,16 @@ __all__ = [
     "KINDS",
     "PLAIN_HEAD_MAX_BITS",
     "PRESETS",
+    "RANK_LAYOUTS",
     "GeneratorConfig",
     "find_multiple",
     "preset_names",
 ]
 
-KINDS = ("ar", "mergear")
+KINDS = ("ar", "mergear", "randar", "maskgit")
+RANK_LAYOUTS = ("1d", "2d")
+# Kinds whose prefix carries a merge-instruction embedding per K.
+MERGE_LEVEL_KINDS = ("mergear", "randar")
 # A plain output head has 2^d rows; above this the head and the embedding table would dominate the model (2^18 rows
 # at width 1024 are 268M parameters each), so larger codebooks must be factorised.
 PLAIN_HEAD_MAX_BITS = 14
@@ -53,7 +58,9 @@ class GeneratorConfig:
     """Everything needed to build a :class:`mergevq.generator.Generator`; saved as ``config.json`` with its weights."""
 
     name: str = "custom"
-    kind: str = "ar"  # "ar" (raster LlamaGen) | "mergear" (merge instruction + sparse mask + compact KV cache)
+    # "ar" (raster LlamaGen) | "mergear" (merge instruction + sparse mask + compact KV cache) | "randar" (random order
+    # over the K merged tokens, position instructions, parallel decoding) | "maskgit" (bidirectional, [MASK] tokens)
+    kind: str = "ar"
     # ---- transformer size (LlamaGen: RMSNorm, SwiGLU, 2-D RoPE, no biases)
     depth: int = 12
     width: int = 768
@@ -65,15 +72,20 @@ class GeneratorConfig:
     factorized_depth: int = 2  # causal intra-position blocks over [h_t, emb_0(i_0), ...] (factorised heads only)
     grid: tuple[int, int] = (16, 16)  # token grid (h, w); L = h·w raster positions
     num_classes: int = 1000  # a null class (index num_classes) is added for classifier-free guidance
-    # ---- MergeAR
-    merge_levels: tuple[int, ...] = ()  # K values with a merge-instruction embedding (MergeAR only)
+    # ---- MergeAR / RandAR
+    merge_levels: tuple[int, ...] = ()  # K values with a merge-instruction embedding (MergeAR and RandAR)
     window: int = 0  # MergeAR: the previous `window` positions are always visible, duplicates or not
+    # RandAR: RoPE position of merged token of rank r. "2d": cell (r // c, r % c) of a c×c grid, c = ceil(√K);
+    # "1d": (r, r), both halves of every head rotated by the rank.
+    rank_layout: str = "2d"
+    # ---- MaskGIT
+    maskgit_steps: int = 12  # default decoding steps (MaskGIT: 8–16)
     # ---- regularisation and init
     class_dropout: float = 0.1  # labels replaced by the null class during training (enables CFG)
     token_dropout: float = 0.1  # dropout on the input embeddings
     resid_dropout: float = 0.1  # dropout on the attention output
     ffn_dropout: float = 0.1  # dropout on the SwiGLU output
-    label_smoothing: float = 0.0
+    label_smoothing: float | None = None  # None: 0.1 for randar and maskgit (SPEC Table A2, MaskGIT), else 0
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -84,6 +96,8 @@ class GeneratorConfig:
     def __post_init__(self) -> None:
         self.grid = tuple(self.grid)  # type: ignore[assignment]
         self.merge_levels = tuple(self.merge_levels)
+        if self.label_smoothing is None:
+            self.label_smoothing = 0.1 if self.kind in ("randar", "maskgit") else 0.0
         if self.factorized_bits is None and isinstance(self.codebook_bits, int):
             d = self.codebook_bits
             self.factorized_bits = (d,) if d <= PLAIN_HEAD_MAX_BITS else (d // 3, d - d // 3)
@@ -152,22 +166,29 @@ class GeneratorConfig:
         if len(self.grid) != 2 or any(not is_int(g) or g < 1 for g in self.grid):
             raise bad("grid", f"must be two positive integers (h, w), got {self.grid!r}")
         length = self.num_positions
-        if self.kind == "mergear":
+        if self.kind in MERGE_LEVEL_KINDS:
             if not self.merge_levels:
-                raise bad("merge_levels", "MergeAR needs at least one merge level K")
+                raise bad("merge_levels", f"{self.kind!r} needs at least one merge level K")
             for k in self.merge_levels:
                 if not is_int(k) or not 1 <= k <= length:
                     raise bad("merge_levels", f"{k!r} is outside [1, L={length}]")
             if len(set(self.merge_levels)) != len(self.merge_levels):
                 raise bad("merge_levels", f"{self.merge_levels} has repeated values")
         elif self.merge_levels:
-            raise bad("merge_levels", f"only MergeAR uses merge levels, got {self.merge_levels} for kind={self.kind!r}")
+            raise bad(
+                "merge_levels",
+                f"only MergeAR and RandAR use merge levels, got {self.merge_levels} for kind={self.kind!r}",
+            )
         if not is_int(self.window) or not 0 <= self.window < length:
             raise bad("window", f"must be an integer in [0, L={length}), got {self.window!r}")
+        if self.rank_layout not in RANK_LAYOUTS:
+            raise bad("rank_layout", f"must be one of {RANK_LAYOUTS}, got {self.rank_layout!r}")
+        if not is_int(self.maskgit_steps) or self.maskgit_steps < 1:
+            raise bad("maskgit_steps", f"must be a positive integer, got {self.maskgit_steps!r}")
         for key in ("class_dropout", "token_dropout", "resid_dropout", "ffn_dropout"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise bad(key, f"must be a probability in [0, 1], got {getattr(self, key)!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
+        if not isinstance(self.label_smoothing, (int, float)) or not 0.0 <= self.label_smoothing < 1.0:
             raise bad("label_smoothing", f"must be in [0, 1), got {self.label_smoothing!r}")
         for key in ("rope_base", "norm_eps", "init_std"):
             if not getattr(self, key) > 0:
@@ -213,6 +234,8 @@ class GeneratorConfig:
             raise ValueError(f"unknown generator config key(s) {unknown}")
         if "codebook_bits" in overrides and "factorized_bits" not in overrides:
             overrides["factorized_bits"] = None  # re-derive the groups for the new bit count
+        if "kind" in overrides and "label_smoothing" not in overrides:
+            overrides["label_smoothing"] = None  # re-derive the kind's default
         return dataclasses.replace(self, **overrides)
 
     @classmethod

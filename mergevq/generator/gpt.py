@@ -4,8 +4,9 @@ The trunk takes already-embedded tokens and explicit per-token grid positions, s
 sequence (class token, merge instruction, raster or permuted image tokens) and mask, and shares these blocks. Attention
 runs in one of three ways:
 
-- full sequence, ``mask`` = a boolean ``[B or 1, 1, S, S]`` (True = may attend) or ``None`` = plain causal. This is
-  the training path and the no-cache reference of decoding;
+- full sequence, ``mask`` = a boolean ``[B or 1, 1, S, S]`` (True = may attend) or ``None`` = plain causal (or, with
+  ``causal=False``, bidirectional: every token sees every token, as MaskGIT). This is the training path and the
+  no-cache reference of decoding;
 - with a cache (:mod:`mergevq.generator.kv_cache`): the cache stores each layer's new keys/values and returns the
   keys to attend over, with the mask it built for the step.
 
@@ -70,7 +71,7 @@ class FeedForward(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal (or masked) self-attention with fused qkv, RoPE on q and k, and an optional KV cache."""
+    """Causal, bidirectional or masked self-attention with fused qkv, RoPE on q and k, and an optional KV cache."""
 
     def __init__(self, dim: int, *, num_heads: int, dropout: float) -> None:
         super().__init__()
@@ -87,6 +88,7 @@ class Attention(nn.Module):
         mask: Tensor | None,
         cache: KVCache | None = None,
         layer: int = 0,
+        causal: bool = True,
     ) -> Tensor:
         batch, tokens, channels = x_BSC.shape
         qkv = self.qkv(x_BSC).view(batch, tokens, 3, self.num_heads, channels // self.num_heads)
@@ -97,7 +99,7 @@ class Attention(nn.Module):
             k_BHTD, v_BHTD = cache.update(layer, k_BHSD, v_BHSD)
             out = F.scaled_dot_product_attention(q_BHSD, k_BHTD, v_BHTD, attn_mask=mask)
         elif mask is None:
-            out = F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, is_causal=True)
+            out = F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, is_causal=causal)
         else:
             out = F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=mask)
         return self.drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, channels)))
@@ -121,8 +123,11 @@ class Block(nn.Module):
         mask: Tensor | None,
         cache: KVCache | None = None,
         layer: int = 0,
+        causal: bool = True,
     ) -> Tensor:
-        x_BSC = x_BSC + self.attn(self.attn_norm(x_BSC), rotary=rotary, mask=mask, cache=cache, layer=layer)
+        x_BSC = x_BSC + self.attn(
+            self.attn_norm(x_BSC), rotary=rotary, mask=mask, cache=cache, layer=layer, causal=causal
+        )
         return x_BSC + self.ffn(self.ffn_norm(x_BSC))
 
 
@@ -146,16 +151,17 @@ class Transformer(nn.Module):
         positions_BS2: Tensor,
         mask: Tensor | None = None,
         cache: KVCache | None = None,
+        causal: bool = True,
     ) -> Tensor:
         """``positions_BS2``: each token's (row, col), row < 0 for no rotation; ``[1, S, 2]`` broadcasts.
 
-        Without a cache, ``mask`` None means plain causal attention. With a cache, ``mask`` is the one its ``begin``
-        returned (None: every cached key is visible).
+        Without a cache, ``mask`` None means plain causal attention, or bidirectional attention with ``causal=False``.
+        With a cache, ``mask`` is the one its ``begin`` returned (None: every cached key is visible).
         """
         rotary = rotary_2d(positions_BS2.to(x_BSC.device), head_dim=self.head_dim, base=self.rope_base)
         x_BSC = self.token_drop(x_BSC)
         for layer, block in enumerate(self.blocks):
-            x_BSC = block(x_BSC, rotary=rotary, mask=mask, cache=cache, layer=layer)
+            x_BSC = block(x_BSC, rotary=rotary, mask=mask, cache=cache, layer=layer, causal=causal)
         return x_BSC
 
 

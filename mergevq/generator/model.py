@@ -1,12 +1,17 @@
-"""The stage-2 generator: one model class for every kind (vanilla raster AR, MergeAR).
+"""The stage-2 generator: one model class for every kind (vanilla raster AR, MergeAR, RandAR, MaskGIT).
 
 Public API::
 
     gen = Generator.from_preset("tiny", kind="mergear", codebook_bits=18, grid=(8, 8), num_classes=10,
                                 merge_levels=(16, 32, 64))       # or Generator(config) / Generator.from_pretrained(dir)
     out = gen(indices=idx_BK, assignment=asg_BL, labels=y_B, num_tokens=16)    # GeneratorOutput(loss, losses, logits)
-    sample = gen.generate(labels=y_B, num_tokens=16, cfg_scale=2.0, top_k=0)   # GenerationOutput(indices [B, L], ...)
-    images = tokenizer.decode(sample.indices, sample.assignment)
+    sample = gen.generate(labels=y_B, num_tokens=16, cfg_scale=2.0, top_k=0)   # GenerationOutput(indices, ...)
+    images = tokenizer.decode(sample.indices, sample.assignment)   # RandAR: assignment None → Source Recovery
+
+The model holds the shared weights (class and code embeddings, trunk, heads, and the kind's special tokens: merge
+instructions for MergeAR/RandAR, RandAR's position query, MaskGIT's [MASK]); each kind's *scheme*
+(:mod:`~mergevq.generator.ar`, :mod:`~mergevq.generator.mergear`, :mod:`~mergevq.generator.randar`,
+:mod:`~mergevq.generator.maskgit`) owns its training loss and its generation loop.
 
 Shapes: B batch, L = h·w raster positions, K merged tokens, C width, G bit groups.
 """
@@ -14,64 +19,86 @@ Shapes: B batch, L = h·w raster positions, K merged tokens, C width, G bit grou
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mergevq.generator.ar import RasterAR, RasterDecoder, raster_positions
-from mergevq.generator.config import GeneratorConfig
+from mergevq.generator.config import MERGE_LEVEL_KINDS, GeneratorConfig
 from mergevq.generator.gpt import Transformer, init_weights
 from mergevq.generator.heads import FactorizedCodes
-from mergevq.generator.mergear import MergeAR, groups_from_values
-from mergevq.generator.sampling import CFG_SCHEDULES, cfg_weight, guided, per_group, sample_logits
+from mergevq.generator.maskgit import MaskGIT
+from mergevq.generator.mergear import MergeAR
+from mergevq.generator.outputs import GenerationOutput, GenerationStats, GeneratorOutput
+from mergevq.generator.randar import RandAR
+from mergevq.generator.sampling import Sampler
 
-__all__ = ["GenerationOutput", "GenerationStats", "Generator", "GeneratorOutput"]
+__all__ = ["GenerationOutput", "GenerationStats", "Generator", "GeneratorOutput", "Scheme"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-_SCHEMES: dict[str, type[RasterAR]] = {"ar": RasterAR, "mergear": MergeAR}
 
 
-class GeneratorOutput(NamedTuple):
-    loss: Tensor  # scalar: sum over bit groups of the mean cross-entropy
-    losses: dict[str, Tensor]  # ce_g0, ce_g1, ... and accuracy (all groups right; detached)
-    logits: list[Tensor] | None = None  # [B, L, V_g] per group when requested
+class Scheme(Protocol):
+    """What a generator kind implements (see :class:`~mergevq.generator.ar.RasterAR` for the reference)."""
+
+    def check_num_tokens(self, num_tokens: int | None) -> int: ...
+
+    def loss(
+        self,
+        model: Generator,
+        *,
+        indices: Tensor,
+        assignment: Tensor,
+        labels: Tensor,
+        num_tokens: int,
+        return_logits: bool = False,
+    ) -> GeneratorOutput: ...
+
+    def generate(
+        self,
+        model: Generator,
+        *,
+        labels: Tensor,
+        num_tokens: int | None,
+        sampler: Sampler,
+        steps: int | None = None,
+        tome_ratio: float = 0.0,
+        use_cache: bool = True,
+        progress: bool = False,
+    ) -> GenerationOutput: ...
 
 
-class GenerationStats(NamedTuple):
-    seconds: float
-    tokens_per_s: float  # generated raster tokens (B·L) per second
-    images_per_s: float
-    forward_passes: int  # transformer forwards (prefill counts as one)
-    peak_cache_bytes: int  # largest K/V storage allocated at any time, all layers (0 without a cache)
-    distinct_groups: Tensor  # [B] distinct code values per generated grid (compare with the requested K)
-
-
-class GenerationOutput(NamedTuple):
-    indices: Tensor  # [B, L] codes of the raster grid
-    assignment: Tensor | None  # [B, L] identity for raster kinds: decode(indices, assignment) decodes the grid
-    stats: GenerationStats
+_SCHEMES: dict[str, type[Any]] = {"ar": RasterAR, "mergear": MergeAR, "randar": RandAR, "maskgit": MaskGIT}
 
 
 class Generator(nn.Module):
     def __init__(self, config: GeneratorConfig) -> None:
         super().__init__()
         self.config = config
-        self.scheme = _SCHEMES[config.kind](config)
+        self.scheme: Scheme = _SCHEMES[config.kind](config)
         self.class_embedding = nn.Embedding(config.num_classes + 1, config.width)  # last row: the null class
+        # One embedding per merge level K: the merge instruction M_K (MergeAR, RandAR).
         self.merge_embedding = (
-            nn.Embedding(len(config.merge_levels), config.width) if config.kind == "mergear" else None
+            nn.Embedding(len(config.merge_levels), config.width) if config.kind in MERGE_LEVEL_KINDS else None
         )
         self.codes = FactorizedCodes(config)
         self.trunk = Transformer(config)
         self.register_buffer("grid_positions", raster_positions(config.grid), persistent=False)
         init_weights(self, std=config.init_std)
         self.codes.zero_heads()
+        # RandAR's position instruction: ONE shared vector, rotated by the RoPE of each target position (SPEC §6.3).
+        self.position_query = (
+            nn.Parameter(torch.randn(config.width) * config.init_std) if config.kind == "randar" else None
+        )
+        # MaskGIT's [MASK] input embedding.
+        self.mask_embedding = (
+            nn.Parameter(torch.randn(config.width) * config.init_std) if config.kind == "maskgit" else None
+        )
 
     # ------------------------------------------------------------------ construction and persistence
     @classmethod
@@ -133,7 +160,9 @@ class Generator(nn.Module):
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part; ``total`` counts everything."""
 
-        def count(m: nn.Module | None) -> int:
+        def count(m: nn.Module | nn.Parameter | None) -> int:
+            if isinstance(m, nn.Parameter):
+                return m.numel()
             return sum(p.numel() for p in m.parameters()) if m is not None else 0
 
         return {
@@ -143,6 +172,8 @@ class Generator(nn.Module):
             "heads": count(self.codes.heads) + count(self.codes.norm),
             "class_embedding": count(self.class_embedding),
             "merge_embedding": count(self.merge_embedding),
+            "position_query": count(self.position_query),
+            "mask_embedding": count(self.mask_embedding),
             "total": count(self),
         }
 
@@ -168,11 +199,19 @@ class Generator(nn.Module):
     def forward(
         self, *, indices: Tensor, assignment: Tensor, labels: Tensor, num_tokens: int, return_logits: bool = False
     ) -> GeneratorOutput:
-        """Training loss on the K-sparse raster target ``target [B, L] = indices.gather(1, assignment)``.
+        """Training loss of one batch of the token file.
 
-        ``indices [B, K]`` codes of the merged tokens, ``assignment [B, L]`` group of every position, ``labels [B]``
-        classes (dropped to the null class with probability ``class_dropout`` in training), ``num_tokens`` = K (vanilla
-        AR: must be L). Every position is supervised; ``losses`` holds ``ce_g{g}`` per bit group and ``accuracy``.
+        ``indices [B, K]`` codes of the merged tokens (raster order of their first position), ``assignment [B, L]``
+        group of every position, ``labels [B]`` classes (dropped to the null class with probability
+        ``class_dropout`` in training), ``num_tokens`` = K (vanilla AR and MaskGIT: must be L; MergeAR and RandAR: one
+        of ``merge_levels``). What is supervised depends on the kind:
+
+        - ar, mergear: every raster position of ``target [B, L] = indices.gather(1, assignment)``;
+        - randar: the K merged tokens in a fresh random order per sample (``assignment`` is not used);
+        - maskgit: the randomly masked positions of the target grid.
+
+        RandAR's orders and MaskGIT's masks come from torch's global RNG (reseed it for a reproducible step).
+        ``losses`` holds ``ce_g{g}`` per bit group and ``accuracy``.
         """
         config = self.config
         k = self.scheme.check_num_tokens(num_tokens)
@@ -183,23 +222,21 @@ class Generator(nn.Module):
                 f"{tuple(assignment.shape)}"
             )
         self._check_labels(labels, batch)
-        target_BL = indices.long().gather(1, assignment.long())
-        x_BSC = torch.cat(
-            [self.scheme.prefix(self, self.drop_labels(labels), k), self.codes.embed(target_BL[:, :-1])], dim=1
+        return self.scheme.loss(
+            self,
+            indices=indices,
+            assignment=assignment,
+            labels=self.drop_labels(labels),
+            num_tokens=k,
+            return_logits=return_logits,
         )
-        p = self.scheme.num_prefix
-        none_P2 = torch.full((p, 2), -1, dtype=torch.long, device=self.grid_positions.device)
-        positions_1S2 = torch.cat([none_P2, self.grid_positions[:-1]])[None]
-        h_BSC = self.trunk(x_BSC, positions_BS2=positions_1S2, mask=self.scheme.attention_mask(target_BL[:, :-1]))
-        h_BLC = h_BSC[:, p - 1 :]  # the states predicting x_0 … x_{L−1}
-        losses = self.codes.loss(h_BLC, target_BL, label_smoothing=config.label_smoothing)
-        loss = losses.pop("loss")
-        logits = self.codes.logits(h_BLC, target_BL) if return_logits else None
-        return GeneratorOutput(loss, losses, logits)
 
     # ------------------------------------------------------------------ generation
     def decoder(self, *, labels: Tensor, num_tokens: int | None = None, use_cache: bool = True) -> RasterDecoder:
-        """A step-by-step decoder (prefill with :meth:`RasterDecoder.start`, then :meth:`RasterDecoder.feed`)."""
+        """A step-by-step raster decoder (ar, mergear): prefill with :meth:`RasterDecoder.start`, then
+        :meth:`RasterDecoder.feed`."""
+        if not isinstance(self.scheme, RasterAR):
+            raise ValueError(f"decoder() is the raster decoder of kinds 'ar' and 'mergear', not {self.config.kind!r}")
         return RasterDecoder(self, labels=labels, num_tokens=num_tokens, use_cache=use_cache)
 
     @torch.no_grad()
@@ -209,73 +246,59 @@ class Generator(nn.Module):
         labels: Tensor,
         num_tokens: int | None = None,
         cfg_scale: float = 1.0,
-        cfg_schedule: str = "constant",
+        cfg_schedule: str | None = None,
+        cfg_start: float = 1.0,
         temperature: float | Sequence[float] = 1.0,
         top_k: int | Sequence[int] = 0,
         top_p: float | Sequence[float] = 1.0,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        steps: int | None = None,
+        tome_ratio: float = 0.0,
         progress: bool = False,
     ) -> GenerationOutput:
-        """Sample ``[B, L]`` raster grids for ``labels [B]``.
+        """Sample codes for ``labels [B]``; see :class:`GenerationOutput` for what each kind returns.
 
-        ``num_tokens``: K, the merge level to request (MergeAR; vanilla AR: L or None). ``cfg_scale`` w: guidance
-        ``u + (c − u)·w`` on every bit group with a doubled batch (null-class rows); 1 disables it. ``cfg_schedule``
-        ``"linear"`` ramps w from 1 at the first token to ``cfg_scale`` at the last. ``temperature``, ``top_k``,
-        ``top_p``: a scalar or one value per bit group. Runs in eval mode (dropout off); the mode is restored after.
+        ``num_tokens``: K, the merge level to request (MergeAR, RandAR: one of ``merge_levels``; vanilla AR and
+        MaskGIT: L or None). ``cfg_scale`` w1: guidance ``u + (c − u)·w`` on every bit group with a doubled batch
+        (null-class rows); 1 disables it. ``cfg_schedule``: ``"constant"`` (w1 throughout) or ``"linear"``
+        (``w = w0 + (w1 − w0)·f``, ``w0 = cfg_start``, f the fraction decoded: ``t/(L − 1)`` for raster kinds, ``k/N``
+        with k tokens known before the step for RandAR and MaskGIT); None picks the kind's default, ``"linear"`` for
+        RandAR (its published schedule) and ``"constant"`` otherwise. ``temperature``, ``top_k``, ``top_p``: a scalar or
+        one value per bit group. ``steps``: forward passes of RandAR (default K, one token per pass) or MaskGIT
+        (default ``config.maskgit_steps``); raster kinds always take L. ``tome_ratio``: MaskGIT only, the fraction of
+        tokens merged inside every block (ToMe for SD). ``use_cache``: the KV cache of the AR kinds (MaskGIT has none).
+        Runs in eval mode (dropout off); the mode is restored after.
         """
-        config, groups = self.config, self.codes.num_groups
-        if cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-        temps = per_group(temperature, groups=groups, name="temperature")
-        top_ks = per_group(top_k, groups=groups, name="top_k")
-        top_ps = per_group(top_p, groups=groups, name="top_p")
-        batch, length = labels.shape[0], config.num_positions
+        if cfg_schedule is None:
+            cfg_schedule = "linear" if self.config.kind == "randar" else "constant"
+        sampler = Sampler.build(
+            groups=self.codes.num_groups,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            cfg_scale=cfg_scale,
+            cfg_start=cfg_start,
+            cfg_schedule=cfg_schedule,
+            generator=generator,
+        )
         labels = labels.to(self.grid_positions.device)
-        self._check_labels(labels, batch)
-        guide = cfg_scale != 1.0
-        labels_in = torch.cat([labels, torch.full_like(labels, config.null_class)]) if guide else labels
-
+        self._check_labels(labels, labels.shape[0])
         was_training = self.training
         self.eval()
         try:
-            start = time.perf_counter()
-            dec = self.decoder(labels=labels_in, num_tokens=num_tokens, use_cache=use_cache)
-            tokens_BL = torch.empty(batch, length, dtype=torch.long, device=labels.device)
-            h_BC = dec.start()
-            steps = range(length)
-            if progress:
-                from tqdm.auto import tqdm
-
-                steps = tqdm(steps, desc="generate", unit="tok")
-            for t in steps:
-                weight = cfg_weight(cfg_scale, schedule=cfg_schedule, step=t, total=length)
-
-                def choose(g: int, logits_NV: Tensor, weight: float = weight) -> Tensor:
-                    if guide:
-                        logits_NV = guided(logits_NV, weight=weight)
-                    return sample_logits(
-                        logits_NV, temperature=temps[g], top_k=top_ks[g], top_p=top_ps[g], generator=generator
-                    )
-
-                token_B = self.codes.sample(h_BC, choose=choose)
-                tokens_BL[:, t] = token_B
-                if t < length - 1:
-                    h_BC = dec.feed(torch.cat([token_B, token_B]) if guide else token_B)
-            seconds = time.perf_counter() - start
+            return self.scheme.generate(
+                self,
+                labels=labels,
+                num_tokens=num_tokens,
+                sampler=sampler,
+                steps=steps,
+                tome_ratio=tome_ratio,
+                use_cache=use_cache,
+                progress=progress,
+            )
         finally:
             self.train(was_training)
-
-        stats = GenerationStats(
-            seconds=seconds,
-            tokens_per_s=batch * length / max(seconds, 1e-9),
-            images_per_s=batch / max(seconds, 1e-9),
-            forward_passes=dec.forward_passes,
-            peak_cache_bytes=dec.peak_cache_bytes,
-            distinct_groups=groups_from_values(tokens_BL).counts,
-        )
-        identity_BL = torch.arange(length, device=tokens_BL.device).expand(batch, length).clone()
-        return GenerationOutput(tokens_BL, identity_BL, stats)
 
 
 def _metadata(path: Path) -> dict[str, str]:

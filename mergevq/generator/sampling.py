@@ -1,7 +1,8 @@
 """Sampling from logits: temperature, top-k, top-p (nucleus), classifier-free guidance and its schedules.
 
 Order per bit group: guidance ``u + (c − u)·w`` on raw logits, then ``/ temperature``, top-k, top-p, softmax and one
-multinomial draw from the caller's ``torch.Generator``.
+multinomial draw from the caller's ``torch.Generator``. :class:`Sampler` bundles these settings for the decoding loops
+of every generator kind.
 
 Einstein legend:
     N   rows (samples)
@@ -10,12 +11,13 @@ Einstein legend:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["CFG_SCHEDULES", "cfg_weight", "filter_logits", "guided", "per_group", "sample_logits"]
+__all__ = ["CFG_SCHEDULES", "Sampler", "cfg_weight", "filter_logits", "guided", "per_group", "sample_logits"]
 
 CFG_SCHEDULES = ("constant", "linear")
 
@@ -73,14 +75,97 @@ def guided(logits_2NV: Tensor, *, weight: float) -> Tensor:
     return uncond_NV + (cond_NV - uncond_NV) * weight
 
 
-def cfg_weight(scale: float, *, schedule: str, step: int, total: int) -> float:
-    """Guidance weight for token ``step`` of ``total`` (0-based).
+def cfg_weight(scale: float, *, schedule: str, step: int, total: int, start: float = 1.0) -> float:
+    """Guidance weight for token ``step`` of ``total`` (0-based) of a raster decoder.
 
-    ``constant``: ``scale`` throughout. ``linear``: ramps from 1 (no guidance) at the first token to ``scale`` at the
-    last, ``1 + (scale − 1)·step/(total − 1)``, as in RandAR's linear schedule.
+    ``constant``: ``scale`` throughout. ``linear``: ramps from ``start`` (default 1, no guidance) at the first token to
+    ``scale`` at the last, ``start + (scale − start)·step/(total − 1)``.
     """
+    return _weight(scale, start=start, schedule=schedule, fraction=step / (total - 1) if total > 1 else 1.0)
+
+
+def _weight(scale: float, *, start: float, schedule: str, fraction: float) -> float:
     if schedule == "constant":
         return scale
     if schedule == "linear":
-        return 1.0 + (scale - 1.0) * (step / (total - 1) if total > 1 else 1.0)
+        return start + (scale - start) * fraction
     raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Per-group sampling settings and classifier-free guidance, shared by every decoding loop.
+
+    ``cfg_scale`` w1 and ``cfg_start`` w0: under ``linear`` the weight is ``w0 + (w1 − w0)·f`` with ``f`` the
+    fraction of the image already decoded (a raster decoder uses ``t/(L − 1)``, RandAR and MaskGIT ``k/N``, k tokens
+    known before the step); ``constant`` uses w1 throughout. Guidance runs (on a doubled batch) unless the weight is
+    1 at every step.
+    """
+
+    temperature: tuple[float, ...]
+    top_k: tuple[int, ...]
+    top_p: tuple[float, ...]
+    cfg_scale: float = 1.0
+    cfg_start: float = 1.0
+    cfg_schedule: str = "constant"
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
+        if any(t <= 0 for t in self.temperature):
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        groups: int,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0,
+        top_p: float | Sequence[float] = 1.0,
+        **guidance: object,
+    ) -> Sampler:
+        """Scalars or one value per bit group; ``guidance``: ``cfg_scale``, ``cfg_start``, ``cfg_schedule``,
+        ``generator``."""
+        return cls(
+            per_group(temperature, groups=groups, name="temperature"),
+            per_group(top_k, groups=groups, name="top_k"),
+            per_group(top_p, groups=groups, name="top_p"),
+            **guidance,  # type: ignore[arg-type]
+        )
+
+    @property
+    def guide(self) -> bool:
+        """Whether the batch must be doubled with null-class rows."""
+        if self.cfg_schedule == "linear":
+            return self.cfg_scale != 1.0 or self.cfg_start != 1.0
+        return self.cfg_scale != 1.0
+
+    def weight(self, fraction: float) -> float:
+        """The guidance weight when ``fraction`` of the image is decoded."""
+        return _weight(self.cfg_scale, start=self.cfg_start, schedule=self.cfg_schedule, fraction=fraction)
+
+    def choose(self, weight: float, *, log_probs: list[Tensor] | None = None) -> Callable[[int, Tensor], Tensor]:
+        """A ``choose(g, logits)`` for :meth:`mergevq.generator.heads.FactorizedCodes.sample`.
+
+        Guidance (when :attr:`guide`, conditional rows first) with ``weight``, then temperature, top-k, top-p and one
+        draw. With ``log_probs`` the log-probability of each draw under the guided distribution (before temperature
+        and filtering) is appended per group, ``[N]`` float32.
+        """
+
+        def choose(g: int, logits_NV: Tensor) -> Tensor:
+            if self.guide:
+                logits_NV = guided(logits_NV, weight=weight)
+            part_N = sample_logits(
+                logits_NV,
+                temperature=self.temperature[g],
+                top_k=self.top_k[g],
+                top_p=self.top_p[g],
+                generator=self.generator,
+            )
+            if log_probs is not None:
+                log_probs.append(logits_NV.float().log_softmax(-1).gather(1, part_N[:, None]).squeeze(1))
+            return part_N
+
+        return choose

@@ -39,6 +39,8 @@ __all__ = [
     "group_sizes",
     "source_matrix",
     "unmerge",
+    "merge_by_assignment",
+    "carry_destination",
 ]
 
 SCHEDULE_KINDS = ("linear", "constant", "square")
@@ -206,6 +208,41 @@ def source_matrix(assignment: Tensor, *, num_groups: int, dtype: torch.dtype = t
 def unmerge(tokens: Tensor, assignment: Tensor) -> Tensor:
     """Copy each group's token back to all its positions: ``[B, K, C] -> [B, L, C]`` (``= Sᵀ Z_K``, as a gather)."""
     return tokens.gather(1, assignment.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def merge_by_assignment(tokens: Tensor, assignment: Tensor, *, num_groups: int, has_cls: bool = False) -> Tensor:
+    """Average unmerged tokens over the groups of ``assignment``: ``[B, has_cls + L, C] -> [B, has_cls + K, C]``.
+
+    Applies a merge that :func:`merge_step` already chose to other tokens of the same positions (e.g. a normalised
+    copy): ``S Z_L / sizes``, the counterpart of :func:`unmerge`. The CLS token, when present, passes through.
+    """
+    off = int(has_cls)
+    patches_BLC = tokens[:, off:]
+    index_BLC = assignment.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+    sums_BKC = patches_BLC.new_zeros(tokens.shape[0], num_groups, tokens.shape[-1]).scatter_add_(
+        1, index_BLC, patches_BLC
+    )
+    means_BKC = sums_BKC / group_sizes(assignment, num_groups=num_groups).unsqueeze(-1).to(tokens.dtype)
+    return torch.cat([tokens[:, :off], means_BKC], dim=1)
+
+
+def carry_destination(values: Tensor, *, before: MergeState, after: MergeState) -> Tensor:
+    """Per-group values ``[B, N_before, ...]`` -> ``[B, N_after, ...]`` across one :func:`merge_step`.
+
+    Each group of ``after`` takes the value of its *destination*: the set-B (odd index) token that the others merged
+    into, or the token itself when it merged with nothing. Useful for attributes that cannot be averaged, such as a
+    merged token's grid position.
+    """
+    n_before = before.num_groups
+    new_of_old = after.assignment.gather(1, before.first_position)  # [B, N_before] group after the step
+    members = group_sizes(new_of_old, num_groups=after.num_groups)  # [B, N_after]
+    old = torch.arange(n_before, device=values.device).expand_as(new_of_old)
+    is_destination = (old % 2 == 1) | (members.gather(1, new_of_old) == 1)  # exactly one per group
+    source = torch.zeros_like(members).scatter_reduce(
+        1, new_of_old, torch.where(is_destination, old, -1), reduce="amax", include_self=False
+    )
+    index = source.view(*source.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
+    return values.gather(1, index)
 
 
 # ----------------------------------------------------------------------------------------------------------------
