@@ -1,12 +1,13 @@
 """``mergevq sample``: class-conditional images from a trained generator, decoded by its tokenizer.
 
-The generator writes the raster grid of L codebook indices (vanilla AR, MergeAR); the tokenizer's decoder turns the
-grid into pixels. Outputs, all in ``--output``:
+Raster kinds (vanilla AR, MergeAR) and MaskGIT write the grid of L codebook indices, which the tokenizer decodes
+directly. RandAR writes only the K merged codes; the tokenizer's learned Source Recovery then predicts which positions
+each one covers before decoding. Outputs, all in ``--output``:
 
     samples.npz     ADM-style: ``arr_0`` uint8 [N, H, W, 3] and ``labels`` [N] (what ``mergevq evaluate generator``
                     and the ADM evaluator read)
-    grid.png        one row per class (up to 16 images each); ``merge_maps.png`` beside it for MergeAR: the groups of
-                    every sample, read from the duplicate structure of its grid
+    grid.png        one row per class (up to 16 images each); ``merge_maps.png`` beside it for MergeAR (the groups read
+                    from the duplicate structure of each grid) and RandAR (the groups Source Recovery predicted)
     summary.json    settings, tokens/s and images/s (generator alone and end to end), forward passes per image, peak
                     KV-cache bytes, and the distinct groups per image against the requested K
 """
@@ -47,7 +48,9 @@ examples:
       --classes 0 3 5 --num-per-class 8 --top-k 100 --temperature 1.0
   mergevq evaluate generator --samples samples/ar/samples.npz --reference cifar10/test --output fid.json
 
---num-tokens is MergeAR's merge instruction (one of the K the generator was trained with; default: the smallest).
+--num-tokens is the merge instruction of MergeAR and RandAR (one of the K the generator was trained with; default: the
+smallest). --steps: RandAR's parallel-decoding passes (default K; the paper uses 64 for K=144 and 88 for K=256) or
+MaskGIT's iterations (default: its config). --tome-ratio merges that fraction of tokens inside MaskGIT's blocks.
 Sampling settings take one value, or one per bit group of a factorised head (e.g. --top-k 0 100). --seed fixes the
 samples: the same command writes the same images on the same machine.
 """
@@ -73,14 +76,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--classes", type=int, nargs="+", default=None, metavar="C", help="class ids to sample (default: every class)"
     )
     parser.add_argument("--num-per-class", type=positive_int, default=8, metavar="N", help="images per class")
-    parser.add_argument("--num-tokens", type=positive_int, default=None, metavar="K", help="MergeAR merge level K")
+    parser.add_argument(
+        "--num-tokens", type=positive_int, default=None, metavar="K", help="merge level K (MergeAR, RandAR)"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, metavar="T", help="decoding passes (RandAR, MaskGIT)"
+    )
+    parser.add_argument(
+        "--tome-ratio", type=float, default=0.0, metavar="R", help="MaskGIT: fraction of tokens merged in each block"
+    )
     parser.add_argument("--cfg", type=float, default=1.0, metavar="S", help="classifier-free guidance scale (1: off)")
     parser.add_argument(
         "--cfg-schedule",
         choices=("constant", "linear"),
-        default="constant",
-        help="guidance over the steps: constant S, or linear from 1 to S",
+        default=None,
+        help="guidance over the steps: constant S, or linear from --cfg-start to S (default: linear for RandAR, "
+        "constant otherwise)",
     )
+    parser.add_argument("--cfg-start", type=float, default=1.0, metavar="S0", help="first weight of a linear schedule")
     parser.add_argument("--temperature", type=float, nargs="+", default=[1.0], metavar="T", help="softmax temperature")
     parser.add_argument(
         "--top-k", type=int, nargs="+", default=[0], metavar="K", help="keep the K most likely (0: all)"
@@ -158,13 +171,23 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise CommandError(f"--classes {bad} outside [0, {config.num_classes}) for generator {args.generator}")
     num_tokens = args.num_tokens
-    if config.kind == "mergear":
+    if config.kind in ("mergear", "randar"):
         levels = tuple(config.merge_levels)
         num_tokens = min(levels) if num_tokens is None else num_tokens
         if num_tokens not in levels:
             raise CommandError(f"--num-tokens {num_tokens}: generator {args.generator} was trained with K in {levels}")
     elif num_tokens not in (None, config.num_positions):
-        raise CommandError(f"--num-tokens applies to MergeAR; this {config.kind!r} generator samples all L tokens")
+        raise CommandError(
+            f"--num-tokens applies to MergeAR and RandAR; this {config.kind!r} generator samples all L tokens"
+        )
+    if config.kind == "randar" and getattr(tokenizer, "recovery", None) is None:
+        raise CommandError(
+            f"tokenizer {args.tokenizer} has no learned Source Recovery, which RandAR needs to place its K tokens"
+        )
+    if args.steps is not None and config.kind not in ("randar", "maskgit"):
+        raise CommandError(f"--steps applies to RandAR and MaskGIT, not to a {config.kind!r} generator")
+    if args.tome_ratio and config.kind != "maskgit":
+        raise CommandError(f"--tome-ratio applies to MaskGIT, not to a {config.kind!r} generator")
     groups = len(config.factorized_bits) if config.factorized_bits else 1
     sampling = {
         "temperature": _per_group(args.temperature, name="temperature", groups=groups),
@@ -193,23 +216,31 @@ def run(args: argparse.Namespace) -> int:
                     num_tokens=num_tokens,
                     cfg_scale=args.cfg,
                     cfg_schedule=args.cfg_schedule,
+                    cfg_start=args.cfg_start,
+                    steps=args.steps,
+                    tome_ratio=args.tome_ratio,
                     generator=rng,
                     use_cache=not args.no_cache,
                     **sampling,
                 )
                 t1 = time.perf_counter()
-                grid_BL = out.indices
-                batch = grid_BL.shape[0]
-                pixels = tokenizer.decode(grid_BL, identity.expand(batch, -1))
+                batch = out.indices.shape[0]
+                if out.assignment is None:  # RandAR: Source Recovery predicts where the K tokens go
+                    assignment_BL = tokenizer.predict_assignment(out.indices)
+                    pixels = tokenizer.decode(out.indices, assignment_BL)
+                    groups_BL, counts = assignment_BL, [int(a.unique().numel()) for a in assignment_BL]
+                else:  # a raster grid of L codes: decode it as is; its groups are its repeated codes
+                    pixels = tokenizer.decode(out.indices, identity.expand(batch, -1))
+                    groups = groups_from_values(out.indices)
+                    groups_BL, counts = groups.assignment, [int(c) for c in groups.counts]
             t2 = time.perf_counter()
             gen_seconds += t1 - t0
             decode_seconds += t2 - t1
             passes += out.stats.forward_passes
             peak_cache = max(peak_cache, int(out.stats.peak_cache_bytes))
             images.append(_to_uint8_nhwc(pixels))
-            groups = groups_from_values(grid_BL)
-            assignments.append(groups.assignment.cpu())
-            distinct.extend(int(c) for c in groups.counts)
+            assignments.append(groups_BL.cpu())
+            distinct.extend(counts)
             bar.update(batch)
     total_seconds = time.perf_counter() - start
 
@@ -221,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
     shown = [i for c in range(len(classes)) for i in range(c * args.num_per_class, c * args.num_per_class + per_row)]
     tiles = torch.from_numpy(arr[shown]).permute(0, 3, 1, 2).float() / 127.5 - 1
     image_grid(tiles, nrow=per_row).save(output / "grid.png")
-    if config.kind == "mergear":
+    if config.kind in ("mergear", "randar"):
         all_assignments = torch.cat(assignments)
         maps = [
             torch.from_numpy(np.array(merge_map(all_assignments[i], grid=(height, width), image=tiles[j])))
@@ -231,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         image_grid(map_tiles, nrow=per_row).save(output / "merge_maps.png")
 
     n = len(arr)
-    tokens = n * config.num_positions
+    tokens = n * (num_tokens if config.kind == "randar" else config.num_positions)
     distinct_np = np.asarray(distinct)
     summary = {
         "kind": "samples",
@@ -242,7 +273,15 @@ def run(args: argparse.Namespace) -> int:
         "num_images": n,
         "classes": classes,
         "num_tokens": num_tokens,
-        "settings": {"cfg": args.cfg, "cfg_schedule": args.cfg_schedule, "seed": args.seed, **sampling},
+        "settings": {
+            "cfg": args.cfg,
+            "cfg_schedule": args.cfg_schedule,
+            "cfg_start": args.cfg_start,
+            "steps": args.steps,
+            "tome_ratio": args.tome_ratio,
+            "seed": args.seed,
+            **sampling,
+        },
         "use_cache": not args.no_cache,
         "batch_size": args.batch_size,
         "device": device.type,
