@@ -13,6 +13,7 @@ import sys
 # Modules that register sub-commands, in the order they appear in ``mergevq --help``.
 _COMMAND_MODULES: tuple[str, ...] = (
     "mergevq.commands.train_tokenizer",
+    "mergevq.commands.train_generator",
     "mergevq.commands.reconstruct",
     "mergevq.commands.encode",
     "mergevq.commands.sample",
@@ -36,12 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
+    try:
+        # Importing the commands loads torch, seconds during which Ctrl-C would break an import half-way.
+        from mergevq.commands.signals import exit_on_signal
+
+        with exit_on_signal("while starting"):
+            parser = build_parser()
+            args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C in a command without its own handling
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -313,7 +313,11 @@ def test_all_bad_files_raise_naming_the_root(tmp_path: Path) -> None:
     root = tmp_path / "allbad"
     root.mkdir()
     _write_bad_files(root)
-    ds = ImageDataset(root, transform=eval_transform(8))
+    # Found at construction, in one line, rather than inside a DataLoader worker.
+    with pytest.raises(ValueError, match=r"none of the 4 image files under .*allbad could be decoded") as info:
+        ImageDataset(root, transform=eval_transform(8))
+    assert len(str(info.value).splitlines()) == 1
+    ds = ImageDataset(root, transform=eval_transform(8), require_readable=False)
     with pytest.warns(SkippedImageWarning), pytest.raises(RuntimeError, match="allbad"):
         ds[0]
 

@@ -19,6 +19,7 @@ from mergevq.commands.common import (
     HelpFormatter,
     add_device_argument,
     check_num_tokens,
+    check_output_file,
     guarded,
     load_model,
     positive_int,
@@ -132,6 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.warmup < 0:
         raise CommandError(f"--warmup must be >= 0, got {args.warmup}")
+    check_output_file(args.output)  # before the work, not after it
     device = resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -22,6 +23,8 @@ __all__ = [
     "CommandError",
     "HelpFormatter",
     "add_device_argument",
+    "check_output_dir",
+    "check_output_file",
     "one_line_skip_warnings",
     "positive_int",
     "check_num_tokens",
@@ -127,10 +130,41 @@ def load_model(
                 f"{directory} is not a model directory: missing {', '.join(missing)}" + _model_dir_hint(directory)
             )
         try:
+            # from_pretrained checks the config's types and that every weight is finite (a diverged run's export).
             model = MergeVQ.from_pretrained(directory)
         except (OSError, ValueError, TypeError) as exc:
             raise CommandError(f"cannot load the model in {directory}: {exc}") from exc
     return model.to(device).eval()
+
+
+def _check_writable_dir(directory: Path, *, option: str, path: Path) -> None:
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the folder that would hold the new ones
+    if not existing.is_dir():
+        raise CommandError(f"{option} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"{option} {path}: {existing} is not writable")
+
+
+def check_output_file(path: str | Path, *, option: str = "--output") -> Path:
+    """Fail now, before any work, when the file ``path`` could not be written later; creates nothing."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise CommandError(f"{option} {path} is a directory; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CommandError(f"{option} {path} exists and is not writable")
+    _check_writable_dir(path.parent, option=option, path=path)
+    return path
+
+
+def check_output_dir(path: str | Path, *, option: str = "--output") -> Path:
+    """Fail now, before any work, when the folder ``path`` could not be created or written; creates nothing."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"{option} {path} exists and is not a directory")
+    _check_writable_dir(path, option=option, path=path)
+    return path
 
 
 def check_num_tokens(values: Iterable[int], *, model: MergeVQ) -> list[int]:

@@ -19,6 +19,7 @@ from mergevq.commands.common import (
     HelpFormatter,
     add_device_argument,
     check_num_tokens,
+    check_output_file,
     guarded,
     load_model,
     one_line_skip_warnings,
@@ -96,6 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.num_workers < 0:
         raise CommandError(f"--num-workers must be >= 0, got {args.num_workers}")
+    check_output_file(args.output)  # before the work, not after it
     device = resolve_device(args.device)
     model = load_model(model_dir=args.model, device=device)
     config = model.config

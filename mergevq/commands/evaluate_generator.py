@@ -18,6 +18,7 @@ from mergevq.commands.common import (
     CommandError,
     HelpFormatter,
     add_device_argument,
+    check_output_file,
     guarded,
     positive_int,
     progress,
@@ -203,9 +204,18 @@ def _features(
 
 def _run_generator(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    check_output_file(args.output)  # before the work, not after it
+    if args.save_reference_stats:
+        check_output_file(args.save_reference_stats, option="--save-reference-stats")
     device = resolve_device(args.device)
     samples = _open_source(args.samples, max_images=args.max_images, what="--samples", allow_stats=False)
     reference = _open_source(args.reference, max_images=args.max_images, what="--reference", allow_stats=True)
+    early_stats = None
+    if reference.format == "stats":  # read (and checked) before any feature is computed
+        try:
+            early_stats = load_statistics(reference.path)
+        except (KeyError, ValueError) as exc:
+            raise CommandError(f"--reference: {exc}", code=1) from exc
     extractor = _inception(weights=args.inception_weights, device=device, batch_size=args.batch_size)
     warnings: list[str] = []
     skipped: list[dict[str, str]] = []
@@ -221,11 +231,8 @@ def _run_generator(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     reference_features: Tensor | None = None
-    if reference.format == "stats":
-        try:
-            reference_stats: FIDStatistics = load_statistics(reference.path)
-        except (KeyError, ValueError) as exc:
-            raise CommandError(f"--reference: {exc}", code=1) from exc
+    if early_stats is not None:
+        reference_stats: FIDStatistics = early_stats
         if reference_stats.features is not None:  # a cache written by --save-reference-stats
             reference_features = torch.from_numpy(reference_stats.features)
         elif reference.num_images:  # ADM reference batches also hold their images: precision/recall use them
@@ -249,6 +256,8 @@ def _run_generator(args: argparse.Namespace) -> int:
     reference_seconds = time.perf_counter() - t0
 
     fid = frechet_distance(sample_stats.mu, sample_stats.sigma, reference_stats.mu, reference_stats.sigma)
+    if not np.isfinite(fid):  # JSON shows it as null: say why
+        unavailable["fid"] = "not finite: the sample or reference features contain NaN or inf values"
     precision = recall = None
     k = args.nearest_k
     if reference_features is None:

@@ -9,6 +9,7 @@ from mergevq.commands.common import (
     CommandError,
     HelpFormatter,
     check_num_tokens,
+    check_output_file,
     guarded,
     load_model,
     one_line_skip_warnings,
@@ -93,6 +94,7 @@ def _register_tokenizer(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_tokenizer(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    check_output_file(args.output)  # before the work, not after it
     device = resolve_device(args.device)
     model = load_model(model_dir=args.model, preset=args.preset, device=device)
     _untrained_notice(args)

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from mergevq.commands.common import (
     HelpFormatter,
     add_device_argument,
     check_num_tokens,
+    check_output_dir,
     guarded,
     load_model,
     positive_int,
@@ -127,7 +129,8 @@ def find_inputs(path: str | Path) -> list[InputImage]:
     """One image file, or every image under a folder (recursive, sorted), each with a unique output stem.
 
     A stem shared by files in different sub-folders is replaced by the relative path joined with ``_``
-    (``cat/001.png`` → ``cat_001``), so no output overwrites another.
+    (``cat/001.png`` → ``cat_001``), and a stem that looks like another input's reconstruction (``foo_k16`` next to
+    ``foo``) gets a ``-2`` suffix, so no output overwrites another.
     """
     path = Path(path).expanduser()
     if path.is_file():
@@ -140,16 +143,23 @@ def find_inputs(path: str | Path) -> list[InputImage]:
     stems: dict[str, int] = {}
     for f in files:
         stems[f.stem] = stems.get(f.stem, 0) + 1
+    wanted = [f.stem if stems[f.stem] == 1 else "_".join(f.relative_to(path).with_suffix("").parts) for f in files]
+    plain = set(wanted)
     out, taken = [], set()
-    for f in files:
-        name = f.stem if stems[f.stem] == 1 else "_".join(f.relative_to(path).with_suffix("").parts)
+    for f, name in zip(files, wanted):
         base, n = name, 1
-        while name in taken:  # e.g. a top-level "a_b.png" next to "a/b.png"
+        # Taken, or the name of another input's reconstruction: <stem>_k<K>.png (e.g. "foo_k16" next to "foo").
+        while name in taken or _is_reconstruction_name(name, plain):
             n += 1
             name = f"{base}-{n}"
         taken.add(name)
         out.append(InputImage(f, name))
     return out
+
+
+def _is_reconstruction_name(name: str, stems: set[str]) -> bool:
+    match = re.fullmatch(r"(.+)_k\d+", name)
+    return match is not None and match.group(1) in stems
 
 
 def _batches(
@@ -210,6 +220,7 @@ def _reconstruct_batch(model: MergeVQ, images: Tensor, ks: list[int]) -> dict[in
 
 
 def _run(args: argparse.Namespace) -> int:
+    output = check_output_dir(args.output)  # before the work, not after it
     device = resolve_device(args.device)
     inputs = find_inputs(args.input)
     model = load_model(model_dir=args.model, preset=args.preset, device=device)
@@ -226,7 +237,6 @@ def _run(args: argparse.Namespace) -> int:
         raise CommandError(f"--size {size} is not divisible by the model's downsampling factor {config.downsample}")
     grid = (size // config.downsample, size // config.downsample)
 
-    output = Path(args.output).expanduser()
     output.mkdir(parents=True, exist_ok=True)
     transform = eval_transform(size)
     skipped: list[dict[str, str]] = []

@@ -3,12 +3,18 @@
 A training command is described once by a :class:`TrainCommand`; :func:`add_train_command` adds it to ``mergevq``
 and :func:`standalone_main` runs it on its own (``python -m mergevq.commands.train_<name>``). Options may be written
 after the overrides (``... max_steps=10 --no-progress``), which plain argparse would take for overrides.
+
+Exit codes, the same for every training command (:func:`run_training` and the wrapper around ``TrainCommand.run``):
+0 finished; 2 a configuration problem; 1 a run problem (diverged, output directory busy or not writable, disk full,
+no intact checkpoint), each reported in one line; 130 / 143 stopped by SIGINT / SIGTERM (after saving a checkpoint
+when the loop was running: "interrupted at step N; run the same command to resume").
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import textwrap
 from collections.abc import Callable, Mapping
@@ -16,7 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mergevq.commands.signals import exit_on_signal
+from mergevq.train.checkpoint import CheckpointDamaged
 from mergevq.train.config_io import ConfigError, dump_yaml
+from mergevq.train.output_lock import locks_released_on_exit
+from mergevq.train.runtime import RunError
 
 __all__ = [
     "COMMON_FLAGS",
@@ -24,6 +34,8 @@ __all__ = [
     "add_train_command",
     "keys_help",
     "load_or_report",
+    "run_export",
+    "run_training",
     "split_overrides",
     "standalone_main",
 ]
@@ -86,7 +98,7 @@ def _add_arguments(parser: argparse.ArgumentParser, command: TrainCommand) -> No
     )
     for option, text in command.all_flags.items():
         parser.add_argument(option, action="store_true", help=text)
-    parser.set_defaults(func=command.run, _parser=parser, _flags=command.all_flags)
+    parser.set_defaults(func=_reported(command.run), _parser=parser, _flags=command.all_flags)
 
 
 def add_train_command(subparsers: Any, command: TrainCommand) -> argparse.ArgumentParser:
@@ -151,4 +163,81 @@ def load_or_report(load: Callable[..., T], args: argparse.Namespace) -> T | int:
     if args.print_config:
         print(dump_yaml(config, compact=False), end="")
         return 0
+    args._loaded_config = config  # lets an error without a file name name the output directory
     return config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running: outcomes and failures as exit codes and one-line messages
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _error(message: str) -> None:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+def _os_error_text(e: OSError, args: argparse.Namespace) -> str:
+    if e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    output_dir = getattr(getattr(args, "_loaded_config", None), "output_dir", None)
+    if e.strerror and output_dir is not None:  # a failed write() names no file; say where the run writes
+        return f"{e.strerror} while writing under output_dir {output_dir}"
+    return str(e)
+
+
+def _reported(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` with the failures every training command shares turned into exit codes and one-line messages."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            # Outside the loop's steps (start-up, export) there is nothing to save: a signal ends the process at
+            # once. Whatever the loop did, the output_dir lock it took ends with the command.
+            outside = "outside the training steps; run the same command to resume"
+            with exit_on_signal(outside), locks_released_on_exit():
+                return int(run(args) or 0)
+        except KeyboardInterrupt:  # a second Ctrl-C during the steps aborts at once
+            print("interrupted; run the same command to resume from the newest checkpoint", file=sys.stderr)
+            return 128 + signal.SIGINT
+        except ConfigError as e:
+            _error(str(e))
+            return 2
+        except (RunError, CheckpointDamaged) as e:
+            _error(str(e))
+            return 1
+        except OSError as e:  # disk full, read-only or vanished paths: the checkpoint writer keeps older ones intact
+            _error(_os_error_text(e, args))
+            return 1
+
+    return wrapped
+
+
+def run_training(train: Callable[[], Any], *, unit: str = "images") -> int:
+    """Run ``train()`` (a loop returning a result with ``step``, ``rank``, ``interrupted_by`` and a throughput
+    ``images_per_second``) and turn its outcome into the exit code.
+
+    Finished: ``done: N steps, R <unit>/s`` and 0. Stopped by a signal (the loop saved a checkpoint first):
+    ``interrupted at step N; run the same command to resume`` and 128 + the signal (130 SIGINT, 143 SIGTERM).
+    Exceptions are left to the command wrapper (one-line messages, exit codes 1 and 2).
+    """
+    result = train()
+    signum = getattr(result, "interrupted_by", None)
+    main = getattr(result, "rank", 0) == 0
+    if signum is not None:
+        if main:
+            print(f"interrupted at step {result.step}; run the same command to resume", file=sys.stderr, flush=True)
+        return 128 + int(signum)
+    rate = getattr(result, "images_per_second", None)
+    if main and rate is not None:
+        print(f"done: {result.step} steps, {rate:.1f} {unit}/s (training only)", flush=True)
+    return 0
+
+
+def run_export(export: Callable[[], Path], *, what: str) -> int:
+    """``--export-only``: export the newest intact checkpoint (a damaged newer one is reported and skipped)."""
+    try:
+        path = export()
+    except FileNotFoundError as e:
+        _error(str(e))
+        return 1
+    print(f"exported the {what} to {path}")
+    return 0

@@ -12,8 +12,15 @@ import argparse
 import sys
 from typing import Any
 
-from mergevq.commands.train_common import TrainCommand, add_train_command, keys_help, load_or_report, standalone_main
-from mergevq.train.config_io import ConfigError
+from mergevq.commands.train_common import (
+    TrainCommand,
+    add_train_command,
+    keys_help,
+    load_or_report,
+    run_export,
+    run_training,
+    standalone_main,
+)
 from mergevq.train.recipe import TrainConfig, load_config
 from mergevq.train.tokenizer import export_latest, train
 
@@ -32,9 +39,14 @@ output (output_dir):
   logs/             train.log, train.jsonl, tb/ (TensorBoard), images/ (validation grids)
   export/           the EMA tokenizer, loadable with MergeVQ.from_pretrained
 
-Running the same command again resumes from the newest checkpoint ("Resuming from step N (...)").
+Running the same command again resumes from the newest intact checkpoint ("Resuming from step N (...)"); a
+damaged one is reported and the next older one used. Changing the recipe on resume (batch size, learning rate, seed,
+data, ...) is refused unless resume.allow_changes=true; max_steps, logging, checkpointing, workers and threads may
+change freely. One run per output_dir at a time (output_dir/.lock).
+A step with a NaN/inf loss or gradient is skipped with a warning; after nonfinite.max_skips of them the run stops
+(exit code 1), its checkpoints all finite.
 Multi-GPU / multi-node: torchrun --nproc_per_node=N -m mergevq train-tokenizer CONFIG [key=value ...]
-SIGTERM/SIGINT save a checkpoint after the current step, then exit.
+SIGTERM/SIGINT save a checkpoint after the current step, then exit with code 143/130 ("interrupted at step N").
 """
 
 
@@ -43,21 +55,8 @@ def _run(args: argparse.Namespace) -> int:
     if isinstance(config, int):
         return config
     if args.export_only:
-        try:
-            path = export_latest(config.output_dir)
-        except FileNotFoundError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"exported the EMA tokenizer to {path}")
-        return 0
-    try:
-        result = train(config, progress=not args.no_progress)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if result.images_per_second is not None and result.rank == 0:
-        print(f"done: {result.step} steps, {result.images_per_second:.1f} images/s (training only)", flush=True)
-    return 0
+        return run_export(lambda: export_latest(config.output_dir), what="EMA tokenizer")
+    return run_training(lambda: train(config, progress=not args.no_progress), unit="images")
 
 
 COMMAND = TrainCommand(

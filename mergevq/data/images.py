@@ -41,7 +41,7 @@ __all__ = [
     "set_loader_epoch",
 ]
 
-DEFAULT_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+DEFAULT_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 class ImageDecodeError(OSError):
@@ -185,6 +185,8 @@ class ImageDataset(Dataset):
     workers; call :meth:`scan` up front to find (and drop) bad files in the main process.
 
     ``max_images`` keeps an evenly strided subset (so every class stays represented), independent of ``seed``.
+    With ``require_readable`` (default) construction decodes files until one succeeds, so a folder in which no file
+    is an image fails here, in one line, rather than later inside a DataLoader worker.
     """
 
     accepts_epoch_index = True  # __getitem__ understands (epoch, index) keys, see SkipBatchSampler
@@ -197,6 +199,7 @@ class ImageDataset(Dataset):
         extensions: Iterable[str] = DEFAULT_EXTENSIONS,
         max_images: int | None = None,
         seed: int = 0,
+        require_readable: bool = True,
     ) -> None:
         self.root = Path(root).expanduser()
         self.transform = transform
@@ -213,6 +216,21 @@ class ImageDataset(Dataset):
                 samples = [samples[(i * len(samples)) // max_images] for i in range(max_images)]
         self.samples: list[tuple[Path, int]] = samples
         self.skipped_files: dict[Path, str] = {}
+        if require_readable:
+            self._require_one_readable()
+
+    def _require_one_readable(self) -> None:
+        # Usually the first file decodes and this costs one image. Bad files met on the way are not recorded: the
+        # loader's own skipping (with its warning) stays the one place that reports them.
+        first_error = None
+        for path, _ in self.samples:
+            reason = _decode_image(path)
+            if reason is None:
+                return
+            first_error = first_error or f"{path.name}: {' '.join(reason.split())}"
+        raise ValueError(
+            f"none of the {len(self.samples)} image files under {self.root} could be decoded (e.g. {first_error})"
+        )
 
     # -- bookkeeping -------------------------------------------------------------------------------------------------
 

@@ -40,6 +40,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from mergevq.files import give_default_mode
+
 __all__ = [
     "TOKEN_FORMAT",
     "TOKENIZER_IDENTITY_KEYS",
@@ -287,6 +289,7 @@ def save_tokens(
     os.close(fd)
     try:
         save_file(tensors, tmp_name, metadata=metadata)
+        give_default_mode(tmp_name)  # mkstemp and safetensors create 0600; token files are meant to be shared
         with open(tmp_name, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)

@@ -414,7 +414,11 @@ def load_statistics(path: str | Path, *, extractor: InceptionFeatures | None = N
             else:
                 num_images = None
             features = np.asarray(data["features"], dtype=np.float32) if "features" in keys else None
-            return FIDStatistics(mu=data["mu"], sigma=data["sigma"], num_images=num_images, features=features)
+            stats = FIDStatistics(mu=data["mu"], sigma=data["sigma"], num_images=num_images, features=features)
+            bad = [name for name in ("mu", "sigma") if not np.isfinite(getattr(stats, name)).all()]
+            if bad:
+                raise ValueError(f"{path}: NaN or inf values in {' and '.join(bad)}; recompute these statistics")
+            return stats
     if "arr_0" in keys:
         return compute_statistics(compute_features(path, extractor=extractor))
     raise KeyError(f"{path} holds neither mu/sigma nor arr_0 images (keys: {sorted(keys)})")

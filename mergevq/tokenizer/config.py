@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,7 @@ class TokenizerConfig:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_types(self)  # before anything computes with a value: "128" must not reach a format string
         self.channel_mult = tuple(self.channel_mult)
         if self.decoder_channel_mult is not None:
             self.decoder_channel_mult = tuple(self.decoder_channel_mult)
@@ -147,11 +150,16 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TokenizerConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: a tokenizer config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{source}: unknown tokenizer config key(s) {unknown}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -173,6 +181,46 @@ class TokenizerConfig:
         if unknown:
             raise ValueError(f"unknown tokenizer config key(s) {unknown}")
         return dataclasses.replace(self, **overrides)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, typing.get_args(tp)[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return "a list of integers"
+    names = {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}
+    return names.get(tp, "a mapping")
+
+
+def _check_types(config: TokenizerConfig) -> None:
+    hints = typing.get_type_hints(TokenizerConfig)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _type_ok(value, hints[f.name]):
+            raise ValueError(f"TokenizerConfig.{f.name}: expected {_type_name(hints[f.name])}, got {value!r}")
 
 
 def _g(**kw: Any) -> TokenizerConfig:

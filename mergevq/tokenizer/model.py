@@ -13,6 +13,7 @@ Shapes: B batch, H×W image, h×w token grid, L = h·w positions, K merged token
 from __future__ import annotations
 
 import json
+import operator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mergevq.files import give_default_mode
 from mergevq.nn.blocks import tokens_to_map
 from mergevq.nn.lfq import LFQ
 from mergevq.nn.tome import group_sizes, source_matrix
@@ -30,6 +32,7 @@ from mergevq.tokenizer.recovery import SourceRecovery, recover
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+_RANGE_SLACK = 1e-3  # float resampling may overshoot [-1, 1] by rounding; 0-255 pixels are far outside
 
 
 class Encoded(NamedTuple):
@@ -92,6 +95,7 @@ class MergeVQ(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "preset": self.config.name})
+        give_default_mode(tmp)  # safetensors creates files 0600; weights are meant to be shared
         tmp.replace(directory / WEIGHTS_NAME)
         return directory
 
@@ -107,7 +111,7 @@ class MergeVQ(nn.Module):
         return model.to(map_location)
 
     def load_weights(self, path: str | Path, *, strict: bool = True) -> None:
-        """Load safetensors weights, with an error that names the file and the mismatch."""
+        """Load safetensors weights, with an error that names the file and the mismatch (or the NaN/inf values)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no weights file at {path}")
@@ -138,6 +142,11 @@ class MergeVQ(nn.Module):
                 + ": "
                 + "; ".join(details)
             )
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(
+                f"{path}: {len(bad)} tensor(s) hold NaN/inf values, e.g. {bad[0]} (weights of a diverged run?)"
+            )
         self.load_state_dict(state, strict=strict)
 
     # ------------------------------------------------------------------ encode / decode
@@ -157,9 +166,40 @@ class MergeVQ(nn.Module):
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the downsampling factor {f}")
 
+    def _check_inputs(self, x: Tensor) -> None:
+        """What :meth:`encode` accepts from callers: float images in [-1, 1], finite, at least one (one sync)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a tensor of images [B,3,H,W], got {type(x).__name__}")
+        if not x.is_floating_point():
+            hint = " (8-bit pixels: pass x.float() / 127.5 - 1)" if x.dtype == torch.uint8 else ""
+            raise TypeError(f"expected floating-point images in [-1, 1], got dtype {x.dtype}{hint}")
+        weight_dtype = self.decoder.conv_out.weight.dtype
+        if x.dtype == torch.float64 and weight_dtype != torch.float64:
+            raise TypeError(f"images are float64 but the model is {weight_dtype}: pass x.to({weight_dtype})")
+        self._check_images(x)
+        if x.shape[0] == 0:
+            raise ValueError("empty batch: encode needs at least one image")
+        lo, hi, finite = torch.stack([x.min().float(), x.max().float(), torch.isfinite(x).all().float()]).tolist()
+        if not finite:
+            raise ValueError("images contain NaN or inf values")
+        if lo < -1.0 - _RANGE_SLACK or hi > 1.0 + _RANGE_SLACK:
+            hint = " (0-255 pixels: pass x / 127.5 - 1)" if hi > 2.0 else ""
+            raise ValueError(f"images must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}")
+
+    def _resolve_num_tokens(self, num_tokens: Any) -> int:
+        if num_tokens is None:
+            return self.config.default_num_tokens
+        if isinstance(num_tokens, bool):  # True is an int to Python, never a token count
+            raise TypeError(f"num_tokens must be an integer, got {num_tokens!r}")
+        try:
+            k = operator.index(num_tokens)  # ints and integer scalars; 2.5 or "16" are refused, not truncated
+        except TypeError:
+            raise TypeError(f"num_tokens must be an integer, got {num_tokens!r}") from None
+        return k  # the encoder checks the range, on the grid actually encoded
+
     def _quantize(self, x: Tensor, num_tokens: int | None, *, compute_entropy: bool):
         self._check_images(x)
-        k = self.config.default_num_tokens if num_tokens is None else int(num_tokens)
+        k = self._resolve_num_tokens(num_tokens)
         if (x.shape[-2], x.shape[-1]) != (self.config.image_size,) * 2:
             # Keep the merge *ratio* on other resolutions (the authors' absolute counts leave e.g. 6 of 196 tokens).
             full = (x.shape[-2] // self.config.downsample) * (x.shape[-1] // self.config.downsample)
@@ -170,7 +210,12 @@ class MergeVQ(nn.Module):
         return encoded, q
 
     def encode(self, x: Tensor, *, num_tokens: int | None = None) -> Encoded:
-        """Images [B,3,H,W] in [-1,1] → K merged tokens and the assignment of the L positions to them."""
+        """Images [B,3,H,W] in [-1,1] → K merged tokens and the assignment of the L positions to them.
+
+        Refuses (TypeError/ValueError) integer or float64 images, empty batches, NaN/inf values and values outside
+        [-1, 1] (such as 0-255 pixels), and a ``num_tokens`` that is not an integer in [1, L].
+        """
+        self._check_inputs(x)
         return self._quantize(x, num_tokens, compute_entropy=False)[0]
 
     def predict_assignment(self, indices: Tensor) -> Tensor:

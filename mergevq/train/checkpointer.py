@@ -7,13 +7,21 @@ continues bit for bit where the saved one stopped. Rank 0 writes; all ranks take
 gathered).
 
 ``state.pt`` keys written here: ``epoch``, ``batch_in_epoch``, ``batches_per_epoch``, ``world_size``, ``ranks`` (one
-dict per rank: ``rng`` + the loop's extras), one entry per tracked state object, and the loop's extra entries
-(typically the model and training configs as JSON strings).
+dict per rank: ``rng`` + the loop's extras), one entry per tracked state object, ``train_config`` (the recipe, as
+JSON), ``nonfinite`` (the :class:`~mergevq.train.runtime.NonFiniteGuard` count) and the loop's extra entries.
+
+Guarantees every loop gets from here: weights or optimizer state holding NaN/inf are never saved
+(:class:`~mergevq.train.runtime.TrainingDiverged`); a damaged newest checkpoint is reported in one line and the next
+older intact one resumed; a run resumed with a changed recipe is refused unless allowed
+(:func:`~mergevq.train.config_io.check_resume`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,8 +30,9 @@ from torch import nn
 
 from mergevq.train import checkpoint as ckpt
 from mergevq.train import distributed as du
+from mergevq.train.config_io import RESUME_SAFE_KEYS, changes_text, check_resume, config_to_dict
 from mergevq.train.rng import rng_state, set_rng_state
-from mergevq.train.runtime import BatchStream
+from mergevq.train.runtime import BatchStream, NonFiniteGuard, RunError, TrainingDiverged
 
 __all__ = ["Checkpointer", "Resumed", "Stateful"]
 
@@ -54,6 +63,9 @@ class Checkpointer:
             such as a frozen alignment teacher).
         states: ``state.pt`` key → object with ``state_dict``/``load_state_dict`` (optimizers, GradScalers).
         keep_last: how many checkpoints to keep.
+        guard: the run's non-finite step counter, saved and restored with the rest.
+        recipe: the run's recipe (a dataclass or a plain dict), saved as ``train_config``; a resume compares it with
+            the checkpoint's and refuses changes outside ``resume_safe_keys`` unless ``allow_recipe_changes``.
     """
 
     def __init__(
@@ -64,29 +76,51 @@ class Checkpointer:
         modules: Mapping[str, nn.Module | None],
         states: Mapping[str, Stateful],
         keep_last: int,
+        guard: NonFiniteGuard | None = None,
+        recipe: Any = None,
+        allow_recipe_changes: bool = False,
+        resume_safe_keys: Iterable[str] = RESUME_SAFE_KEYS,
     ) -> None:
         self.root = Path(root)
         self.info = info
         self.modules = {stem: m for stem, m in modules.items() if m is not None}
         self.states = dict(states)
         self.keep_last = keep_last
+        self.guard = guard
+        self.recipe = config_to_dict(recipe) if dataclasses.is_dataclass(recipe) else recipe
+        self.allow_recipe_changes = allow_recipe_changes
+        self.resume_safe_keys = tuple(resume_safe_keys)
         self.latest: Path | None = None  # the newest checkpoint written or resumed from
 
     def resume(self, *, check: Callable[[dict[str, Any], Path], None] | None = None) -> Resumed | None:
-        """Load the newest checkpoint into the tracked objects and this rank's RNG; None when there is none.
+        """Load the newest intact checkpoint into the tracked objects and this rank's RNG; None when there is none.
 
-        ``check(state, path)`` runs before anything is loaded (e.g. refuse a checkpoint of another model).
+        Every part is verified first (:func:`~mergevq.train.checkpoint.read_newest`: checksums, readability, shapes,
+        finite weights); a damaged checkpoint is reported in one line and the next older one used. ``check(state,
+        path)`` runs before anything is loaded (e.g. refuse a checkpoint of another model), then the recipe check;
+        their errors propagate.
         """
-        found = ckpt.find_latest(self.root)
+        report = _warn0 if self.info.is_main else _quiet
+        notes: list[str] = []
+
+        def vet(state: dict[str, Any], path: Path) -> None:  # before the shapes: another model is not damage
+            if check is not None:
+                check(state, path)
+            notes[:] = self._check_recipe(state, path)
+
+        found = ckpt.read_newest(self.root, parts=self.modules, check=vet, fits=self._fits, report=report)
+        chosen = du.all_gather_objects(None if found is None else str(found.path))
+        if len(set(chosen)) > 1:  # e.g. a file system that shows ranks different files
+            raise RunError(f"the processes of this run would resume from different checkpoints: {chosen}")
         if found is None:
             return None
-        state = ckpt.load_state(found.path)
-        if check is not None:
-            check(state, found.path)
+        state = found.state
         for stem, module in self.modules.items():
-            ckpt.load_module(module, found.path, stem)
+            module.load_state_dict(found.weights[stem])
         for key, obj in self.states.items():
             obj.load_state_dict(state[key])
+        if self.guard is not None:
+            self.guard.load_state_dict(state.get("nonfinite", {}))
         ranks = state["ranks"]
         # A run resumed on more processes than it was saved with gives the extra ranks rank 0's state.
         mine = ranks[self.info.rank] if self.info.rank < len(ranks) else ranks[0]
@@ -108,7 +142,35 @@ class Checkpointer:
                     f"{self.info.world_size}: data order and per-rank random streams will differ from the original run",
                     flush=True,
                 )
+            for note in notes:
+                print(note, file=sys.stderr if note.startswith("warning") else sys.stdout, flush=True)
         return resumed
+
+    def _fits(self, loaded: ckpt.LoadedCheckpoint) -> None:
+        for stem, module in self.modules.items():
+            try:
+                ckpt.check_fits(module, loaded.weights[stem], loaded.path / f"{stem}.safetensors")
+            except ValueError as e:
+                raise ckpt.CheckpointDamaged(str(e)) from None
+
+    def _check_recipe(self, state: dict[str, Any], path: Path) -> list[str]:
+        """Refuse a changed recipe (ConfigError) unless allowed; returns the lines that report the changes."""
+        if self.recipe is None or "train_config" not in state:
+            return []
+        saved = json.loads(state["train_config"])
+        harmless, other = check_resume(
+            saved,
+            self.recipe,
+            allow_changes=self.allow_recipe_changes,
+            source=f"checkpoint {path}",
+            safe=self.resume_safe_keys,
+        )
+        notes = []
+        if harmless:
+            notes.append(f"changed settings: {changes_text(harmless)}")
+        if other:
+            notes.append(f"warning: resuming with a changed recipe (resume.allow_changes=true): {changes_text(other)}")
+        return notes
 
     def save(
         self,
@@ -124,6 +186,15 @@ class Checkpointer:
         ``rank_extra``: this rank's own state besides its RNG (tensors and plain containers), gathered to rank 0.
         ``extra``: more ``state.pt`` entries (rank 0's are written). ``meta``: more ``meta.json`` fields.
         """
+        # Checked on every rank (DDP keeps them identical), so that all ranks stop together rather than wait for a
+        # rank 0 that refused to write.
+        bad = ckpt.first_nonfinite(
+            [(f"{stem}.{k}", v) for stem, m in self.modules.items() for k, v in m.state_dict().items()]
+            + list(ckpt.nested_tensors({key: obj.state_dict() for key, obj in self.states.items()}))
+        )
+        if bad is not None:
+            last = f"; the newest checkpoint is {self.latest}" if self.latest is not None else ""
+            raise TrainingDiverged(f"at step {step}: {bad} holds NaN/inf values, so it is not checkpointed{last}")
         ranks = du.all_gather_objects({"rng": rng_state(), **(rank_extra or {})})
         path = None
         if self.info.is_main:
@@ -133,8 +204,12 @@ class Checkpointer:
                 "world_size": self.info.world_size,
                 **{key: obj.state_dict() for key, obj in self.states.items()},
                 "ranks": ranks,
-                **(extra or {}),
             }
+            if self.guard is not None:
+                state["nonfinite"] = self.guard.state_dict()
+            if self.recipe is not None:
+                state["train_config"] = json.dumps(self.recipe, default=list)
+            state.update(extra or {})
             summary = {"epoch": stream.epoch, "batch_in_epoch": stream.batch_in_epoch, **(meta or {})}
             path = ckpt.save_checkpoint(
                 self.root, step=step, weights=weights, state=state, meta=summary, keep_last=self.keep_last
@@ -142,3 +217,11 @@ class Checkpointer:
             self.latest = path
         du.barrier()
         return path
+
+
+def _warn0(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    pass

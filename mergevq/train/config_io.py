@@ -4,15 +4,21 @@ A recipe is a tree of dataclasses. Loading checks every key and value against th
 "did you mean" hint) or a wrongly typed value is a :class:`ConfigError` whose one-line message names the key and
 where it came from (the file, the command line, a defaults layer). Dotted ``section.key=value`` overrides are parsed
 as YAML scalars. A recipe module composes these pieces; the simplest one is :func:`load_dataclass`.
+
+Sections every training recipe carries (:class:`ResumeSection`, :class:`NonFiniteSection`) and the resume check
+(:func:`check_resume`: a run continues only with the recipe it was started with, up to :data:`RESUME_SAFE_KEYS`) live
+here too, so that each stage's recipe and loop share them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import json
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -20,9 +26,14 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 __all__ = [
+    "RESUME_SAFE_KEYS",
     "ConfigError",
+    "NonFiniteSection",
+    "ResumeSection",
     "UserValues",
     "build_dataclass",
+    "changes_text",
+    "check_resume",
     "check_section",
     "config_diff",
     "config_to_dict",
@@ -241,9 +252,17 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 
 def _read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a YAML config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected a YAML config)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a text file (expected a YAML config)")
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -356,3 +375,85 @@ def config_diff(
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     skipped = tuple(ignore)
     return [(k, a.get(k), b.get(k)) for k in keys if not (k in skipped or k.startswith(tuple(f"{i}." for i in ignore)))]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sections shared by the training recipes, and the resume check
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResumeSection:
+    allow_changes: bool = False  # resume even though recipe keys outside RESUME_SAFE_KEYS changed (they are listed)
+
+
+@dataclass
+class NonFiniteSection:
+    max_skips: int = 5  # steps with a NaN/inf loss or gradient skipped (with a warning) before the run stops
+
+    def __post_init__(self) -> None:
+        if self.max_skips < 0:
+            raise ValueError(f"max_skips: must be >= 0, got {self.max_skips}")
+
+
+# Keys (fnmatch patterns over dotted keys) a resumed run may change freely: they do not change what is computed.
+# max_steps is among them so that a finished run can be extended (a schedule decaying over max_steps stretches).
+RESUME_SAFE_KEYS: tuple[str, ...] = (
+    "max_steps",
+    "log_every",
+    "val_every",
+    "checkpoint_every",
+    "keep_last",
+    "export",
+    "threads",
+    "device",
+    "deterministic",
+    "find_unused_parameters",
+    "output_dir",
+    "notes",
+    "progress",
+    "*num_workers",
+    "data.val",
+    "data.val_images",
+    "resume.*",
+    "nonfinite.*",
+)
+
+
+def _is_safe(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
+
+
+def _listed(diffs: list[tuple[str, Any, Any]], limit: int = 6) -> str:
+    text = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in diffs[:limit])
+    return text + (f" and {len(diffs) - limit} more" if len(diffs) > limit else "")
+
+
+def check_resume(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    allow_changes: bool,
+    source: str,
+    safe: Iterable[str] = RESUME_SAFE_KEYS,
+) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """Compare the recipe a checkpoint was written with (``saved``) to this run's; returns (safe, other) changes.
+
+    Changes outside ``safe`` (batch size, learning rate, seed, data, variant, ...) are a :class:`ConfigError` naming
+    every changed key unless ``allow_changes``. ``source`` names the checkpoint in the message.
+    """
+    patterns = tuple(safe)
+    diffs = config_diff(dict(saved), dict(current), ignore=())
+    harmless = [d for d in diffs if _is_safe(d[0], patterns)]
+    other = [d for d in diffs if not _is_safe(d[0], patterns)]
+    if other and not allow_changes:
+        raise ConfigError(
+            f"{source} was written with a different recipe: {_listed(other)}; resume with resume.allow_changes=true "
+            "to accept the changes, or use a new output_dir"
+        )
+    return harmless, other
+
+
+def changes_text(diffs: list[tuple[str, Any, Any]]) -> str:
+    """``key (old -> new), ...`` for a log line."""
+    return _listed(diffs)

@@ -22,6 +22,7 @@ Loading is strict (:mod:`mergevq.train.config_io`): an unknown key or a value of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,8 @@ from mergevq.nn.tome import merge_schedule
 from mergevq.tokenizer.config import PRESETS, TokenizerConfig, get_preset
 from mergevq.train.config_io import (
     ConfigError,
+    NonFiniteSection,
+    ResumeSection,
     build_dataclass,
     check_section,
     deep_merge,
@@ -125,9 +128,12 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     loss: LossSection = field(default_factory=LossSection)
     alignment: AlignmentSection = field(default_factory=AlignmentSection)
-    merge: MergeSamplingConfig = field(default_factory=MergeSamplingConfig)
+    # Default: the G+R layer on the default tiny-32 grid (K = (6 + T)², T in [-1, 2]), so TrainConfig() is valid too.
+    merge: MergeSamplingConfig = field(default_factory=lambda: MergeSamplingConfig(t_min=-1, t_max=2))
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    resume: ResumeSection = field(default_factory=ResumeSection)  # allow_changes: resume with a changed recipe
+    nonfinite: NonFiniteSection = field(default_factory=NonFiniteSection)  # max_skips: NaN/inf steps skipped
     batch_size: int = 8  # per process and micro-batch; effective batch = batch_size · grad_accum · world size
     grad_accum: int = 1  # micro-batches per optimizer step; "steps" everywhere are optimizer steps
     grad_clip: float | None = None  # max global grad norm (paper: R only, 5.0)
@@ -247,6 +253,7 @@ def load_config(path: str | Path | None = None, *, overrides: list[str] | None =
     layer.update(_RECIPE_LAYERS[recipe])
     if recipe == "paper":
         layer["schedule.kind"] = _PAPER_SCHEDULE[variant]
+    _fit_merge_range(layer, values)
     layer_checked = check_section(nest(layer), TrainConfig, prefix="", source=f"{variant}/{recipe} defaults")
 
     merged = deep_merge(layer_checked, values)
@@ -254,6 +261,29 @@ def load_config(path: str | Path | None = None, *, overrides: list[str] | None =
     config = build_dataclass(TrainConfig, merged, source=source)
     _check_model_and_merge(config, source)
     return config
+
+
+def _fit_merge_range(layer: dict[str, Any], values: dict[str, Any]) -> None:
+    """Cut the variant layer's T range to the token counts the model's grid has (in place).
+
+    The layers carry the paper's ranges, meant for 256+ tokens: ``K = (6 + T)², T in [-1, 3]`` reaches K = 81 on the
+    64-token grid of the default tiny-32, which would make the defaults themselves invalid. A range set by the user
+    (``merge.t_min``, ``merge.t_max``, ``merge.candidates``) is left alone and checked as given.
+    """
+    merge = values.get("merge", {})
+    if any(key in merge for key in ("t_min", "t_max", "candidates")):
+        return
+    model = values.get("model", {})
+    try:
+        model_config = get_preset(model.get("preset", ModelSection.preset), **model.get("overrides", {}))
+    except (TypeError, ValueError):
+        return  # reported with its source by _check_model_and_merge
+    root = merge.get("root") or round(math.sqrt(model_config.default_num_tokens))
+    direction = merge.get("direction", layer.get("merge.direction", 1))
+    t_min, t_max = layer.get("merge.t_min", 0), layer.get("merge.t_max", 0)
+    inside = [t for t in range(t_min, t_max + 1) if 1 <= (root + direction * t) ** 2 <= model_config.num_tokens_full]
+    if inside:
+        layer["merge.t_min"], layer["merge.t_max"] = inside[0], inside[-1]
 
 
 def _check_model_and_merge(config: TrainConfig, source: str) -> None:

@@ -6,8 +6,13 @@ A loop (``train/tokenizer.py``, ``train/generator.py``) is, in order::
     build modules (seeded) → build_optimizer / make_scaler → Checkpointer(...).resume()
     stream = BatchStream(make_loader(...)); model = wrap_ddp(...); window = MetricWindow(...)
     with StopFlag() as stop:
-        while step < max_steps: forward under autocast(...), backward (maybe_no_sync), step, window.add(...),
+        while step < max_steps: forward under autocast(...), backward (maybe_no_sync), scaler.unscale_, clip,
+            guard.check(...) (skip the update of a non-finite step), step, window.add(...),
             log when due, checkpointer.save(...) when due or any_rank(stop.requested)
+
+``prepare_output_dir`` locks the output directory (:mod:`mergevq.train.output_lock`); the ``preserve_torch_settings``
+scope around the run releases it. Problems that stop a run are :class:`~mergevq.train.errors.RunError` subclasses
+with one-line messages (the training commands print them and exit 1).
 
 Nothing here knows about tokenizers or generators.
 """
@@ -17,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,11 +36,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from mergevq.data.images import set_loader_epoch
 from mergevq.train import checkpoint as ckpt
 from mergevq.train import distributed as du
+from mergevq.train.errors import OutputDirBusy, RunError, TrainingDiverged
+from mergevq.train.output_lock import locks_released_on_exit, release_output_dir, take_output_lock
 
 __all__ = [
     "BatchStream",
     "MetricWindow",
+    "NonFiniteGuard",
+    "OutputDirBusy",
+    "RunError",
     "StopFlag",
+    "TrainingDiverged",
     "WindowMeans",
     "any_rank",
     "autocast",
@@ -44,6 +56,7 @@ __all__ = [
     "maybe_no_sync",
     "prepare_output_dir",
     "preserve_torch_settings",
+    "release_output_dir",
     "wrap_ddp",
 ]
 
@@ -57,12 +70,15 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 @contextlib.contextmanager
 def preserve_torch_settings() -> Iterator[None]:
-    """Restore the process-wide settings a run changes (thread count, deterministic algorithms) on exit."""
+    """Restore the process-wide state a run changes on exit: thread count, deterministic algorithms, and the output
+    directory locks taken inside the block (:func:`prepare_output_dir`), so that the next run, in this process or
+    another, may use the directory."""
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
-        yield
+        with locks_released_on_exit():
+            yield
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
@@ -83,14 +99,26 @@ def configure_determinism(*, device: torch.device, deterministic: bool, threads:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def prepare_output_dir(output_dir: str | Path, *, info: du.DistInfo) -> Path:
-    """Create ``output_dir`` and clear leftovers of interrupted checkpoint writes (rank 0), then synchronise.
+def prepare_output_dir(output_dir: str | Path, *, info: du.DistInfo, lock: bool = True) -> Path:
+    """Create ``output_dir``, lock it for this run, clear leftovers of interrupted checkpoint writes, synchronise.
 
-    Rank 0 is the only writer of ``output_dir``; this is where it would also take an exclusive lock on it.
+    Rank 0 is the only writer of ``output_dir``. It takes an exclusive lock on ``output_dir/.lock`` (holding its
+    pid), so a second run on the same directory stops with :class:`OutputDirBusy` instead of interleaving
+    checkpoints; the lock lasts until :func:`release_output_dir` or the end of the process. An output_dir that
+    cannot be created or written is a one-line :class:`RunError`.
     """
     path = Path(output_dir)
     if info.is_main:
-        path.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_dir():
+            raise RunError(f"output_dir {path} exists and is not a directory")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"output_dir {path}: cannot create it ({e.strerror or e})") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise RunError(f"output_dir {path} is not writable")
+        if lock:
+            take_output_lock(path)
         ckpt.remove_stale(path / "checkpoints")
     du.barrier()
     return path
@@ -217,6 +245,105 @@ class StopFlag:
 
     def __exit__(self, *exc: Any) -> None:
         self.restore()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Non-finite steps
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _warn0(message: str) -> None:
+    if du.is_main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
+class NonFiniteGuard:
+    """Keeps NaN/inf out of the weights: a step with a non-finite loss or gradient is skipped, with a warning.
+
+    After backward (and ``scaler.unscale_(optimizer)``, clipping) and before ``scaler.step(optimizer)``::
+
+        if guard.check(step=step, loss=loss_sum, grad_norm=grad_norm, scaler=scaler):
+            guard.discard(optimizer, scaler)  # no update (and no EMA update) for this step
+        else:
+            scaler.step(optimizer); scaler.update()
+
+    More than ``max_skips`` skipped steps in a run raise :class:`TrainingDiverged`. Under fp16 a non-finite gradient
+    with a finite loss is the GradScaler's overflow, which it skips and answers by lowering its scale: not counted,
+    unless the scale has already fallen below ``min_scale`` (then it is not an overflow any more). The decision is
+    taken jointly by all ranks (one small collective), and the count is part of the checkpoint (``state_dict``).
+    """
+
+    def __init__(self, *, max_skips: int, min_scale: float = 2.0**-14, report: Callable[[str], None] = _warn0) -> None:
+        if max_skips < 0:
+            raise ValueError(f"max_skips must be >= 0, got {max_skips}")
+        self.max_skips = int(max_skips)
+        self.min_scale = float(min_scale)
+        self.report = report
+        self.skipped = 0  # skipped steps so far in this run (resumed runs included)
+
+    def check(
+        self,
+        *,
+        step: int,
+        loss: Tensor | float,
+        grad_norm: Tensor | float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        what: str = "loss",
+    ) -> bool:
+        """True when this step must be skipped (``step``: completed steps before it, as the loop counts)."""
+        device = next((t.device for t in (loss, grad_norm) if isinstance(t, Tensor)), torch.device("cpu"))
+        norm = 0.0 if grad_norm is None else grad_norm
+        values = torch.stack([torch.as_tensor(v, device=device).detach().float().reshape(()) for v in (loss, norm)])
+        finite = torch.isfinite(values).float()
+        if du.is_distributed():  # every rank must take the same branch: skipping is collective
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        loss_ok, grad_ok = (bool(v) for v in finite.tolist())  # the one device sync
+        if loss_ok and grad_ok:
+            return False
+        if loss_ok and scaler is not None and scaler.is_enabled() and scaler.get_scale() >= self.min_scale:
+            return False  # fp16 overflow: GradScaler.step skips it and lowers the scale
+        self.skipped += 1
+        shown = ", ".join(f"{name} {v:.4g}" for name, v in zip((what, "grad norm"), values.tolist()))
+        if self.skipped > self.max_skips:
+            raise TrainingDiverged(
+                f"training diverged: non-finite {what} or gradients at step {step + 1} ({shown}), and "
+                f"{self.max_skips} step(s) were skipped already (nonfinite.max_skips={self.max_skips}); the newest "
+                "checkpoint holds finite weights: resume with a lower optim.lr (and resume.allow_changes=true)"
+            )
+        self.report(
+            f"warning: non-finite {what} or gradients at step {step + 1} ({shown}); skipping its update "
+            f"({self.skipped} of at most {self.max_skips} in this run)"
+        )
+        return True
+
+    @staticmethod
+    def discard(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Drop the step's gradients (the optimizer does not step); ``scaler`` must have been ``unscale_``-d."""
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.update()  # ends the scaler's step (lowering its scale when it found an inf)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: Mapping[str, Any], /) -> None:
+        self.skipped = int(state.get("skipped", 0))
+
+    @staticmethod
+    def snapshot(*modules: nn.Module | None) -> Callable[[], None]:
+        """Copies of the buffers of ``modules``; call the result to put them back when the step is skipped.
+
+        A forward in training mode updates state that no optimizer owns (BatchNorm statistics, LeCAM anchors,
+        centering vectors): a non-finite forward must not leave NaN there.
+        """
+        saved = [(b, b.detach().clone()) for m in modules if m is not None for b in m.buffers()]
+
+        def restore() -> None:
+            with torch.no_grad():
+                for buffer, copy in saved:
+                    buffer.copy_(copy)
+
+        return restore
 
 
 # ----------------------------------------------------------------------------------------------------------------------

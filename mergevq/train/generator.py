@@ -1,0 +1,415 @@
+"""Stage-2 generator training: the twin of :mod:`mergevq.train.tokenizer`, one plain loop over the shared parts.
+
+    mergevq train-generator configs/cifar10/mergear.yaml max_steps=2000 optim.lr=1e-3
+    torchrun --nproc_per_node=8 -m mergevq train-generator configs/imagenet/mergear-l.yaml
+
+The token file (``data.train``) decides the task: codebook bits, grid, classes, tokenizer identity and MergeAR's merge
+levels (:mod:`mergevq.train.generator_data`, which also documents the label rules).
+
+One optimizer step (``step`` counts optimizer steps everywhere):
+
+1. K ~ the merge-level distribution, drawn from (seed, step): the same on every rank and after a restart (MergeAR;
+   vanilla AR: K = L);
+2. for each of ``grad_accum`` micro-batches at that K: cross-entropy of every raster position (sum over bit groups),
+   backward (gradients synchronised on the last one);
+3. clip, optimizer step, EMA update (when ``ema_decay`` is set); a step with a NaN/inf loss or gradient updates
+   nothing (:class:`~mergevq.train.runtime.NonFiniteGuard`).
+
+Data: epoch e shuffles the rows with ``derive_seed(seed, e)`` and rank r takes every world-size-th row from r; the
+position (epoch, batch in epoch) is checkpointed, so a resumed run continues with exactly the next batch. Dropouts and
+class dropout draw from the global generators, reseeded from (seed, step, rank) at every step: with ``deterministic:
+true`` a resumed run reproduces an uninterrupted one bit for bit on the same hardware.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mergevq.data.tokens import check_same_tokenizer
+from mergevq.generator import Generator, GeneratorConfig
+from mergevq.train import checkpoint as ckpt
+from mergevq.train import distributed as du
+from mergevq.train.checkpointer import Checkpointer
+from mergevq.train.config_io import ConfigError, config_diff, save_config
+from mergevq.train.ema import EMA
+from mergevq.train.generator_data import RowLoader, TokenSource, merge_level_sampler, read_token_source
+from mergevq.train.generator_recipe import GeneratorTrainConfig
+from mergevq.train.logging import TrainLogger
+from mergevq.train.merge_sampling import MergeCountSampler
+from mergevq.train.rng import derive_seed, reseed_globals
+from mergevq.train.runtime import (
+    BatchStream,
+    MetricWindow,
+    NonFiniteGuard,
+    StopFlag,
+    any_rank,
+    autocast,
+    build_optimizer,
+    configure_determinism,
+    make_scaler,
+    maybe_no_sync,
+    prepare_output_dir,
+    preserve_torch_settings,
+    wrap_ddp,
+)
+from mergevq.train.schedule import apply_lr, lr_factor
+
+__all__ = ["TrainResult", "export_latest", "train"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    output_dir: Path
+    step: int  # completed optimizer steps
+    checkpoint: Path | None
+    export: Path | None
+    images_per_second: float | None  # token grids per second over the whole run (all ranks), None if no step ran
+    rank: int = 0
+    interrupted_by: int | None = None  # the signal (SIGTERM/SIGINT) that stopped the run before max_steps
+    # The in-memory modules at the end of the run (this rank's copies); ema_model is None without an EMA.
+    model: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)
+    ema_model: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Parts:
+    """Everything one rank trains with, built identically on every rank from the seed."""
+
+    model: Generator
+    ema: EMA | None
+    tokens: TokenSource
+    sampler: MergeCountSampler | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    run: nn.Module | None = None  # what forward/backward go through: the DDP wrapper under torchrun
+
+    @property
+    def eval_model(self) -> Generator:
+        """What validation and export use: the EMA weights when there is an EMA."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def num_tokens(self, step: int) -> int:
+        return self.sampler.sample(step=step) if self.sampler is not None else self.tokens.levels[0]
+
+    def labels(self, labels: Tensor) -> Tensor:
+        return torch.zeros_like(labels) if self.tokens.unlabelled else labels
+
+
+def _build(config: GeneratorTrainConfig, *, device: torch.device) -> _Parts:
+    tokens = read_token_source(config)
+    sampler = merge_level_sampler(config, tokens)
+    reseed_globals(derive_seed(config.seed, 0x6E47))
+    model = Generator(tokens.model_config).to(device)
+    o = config.optim
+    return _Parts(
+        model=model,
+        ema=EMA(model, decay=config.ema_decay) if config.ema_decay is not None else None,
+        tokens=tokens,
+        sampler=sampler,
+        optimizer=build_optimizer(
+            model.parameters(),
+            kind=o.optimizer,
+            lr=o.lr,
+            betas=o.betas,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            decay_matrices_only=True,
+        ),
+        scaler=make_scaler(device, config.precision),
+    )
+
+
+def _check_resume(state: dict[str, Any], path: Path, *, current: GeneratorConfig, train_file: str) -> None:
+    """Refuse a checkpoint of another tokenizer's tokens, or of another generator, in one line."""
+    saved = json.loads(state["model_config"])
+    try:
+        check_same_tokenizer(
+            saved.get("tokenizer") or {},
+            current.tokenizer,
+            what_a=f"checkpoint {path}",
+            what_b=f"token file {train_file}",
+        )
+    except ValueError as e:
+        raise ConfigError(f"{e}; use a new output_dir for another tokenizer's tokens") from None
+    diffs = config_diff(saved, current.to_dict(), ignore=("tokenizer",))
+    if not diffs:
+        return
+    listed = ", ".join(f"{k} ({a!r} vs {b!r})" for k, a, b in diffs[:6])
+    more = f" and {len(diffs) - 6} more" if len(diffs) > 6 else ""
+    raise ConfigError(
+        f"checkpoint {path} was written for generator {saved.get('name')!r} ({saved.get('kind')}) but this run builds "
+        f"{current.name!r} ({current.kind}); differing keys: {listed}{more}. Use a new output_dir or the checkpoint's "
+        "settings"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def export_latest(output_dir: str | Path, *, destination: str | Path | None = None) -> Path:
+    """``save_pretrained`` of the generator in the newest intact checkpoint (default: ``output_dir/export``).
+
+    The checkpoint's ``ema`` weights: the EMA when the run has one, else the trained weights themselves. A damaged
+    newer checkpoint is reported in one line and the next older one exported, as a resume would.
+    """
+    output_dir = Path(output_dir)
+
+    def build(loaded: ckpt.LoadedCheckpoint) -> Generator:
+        return Generator(GeneratorConfig.from_dict(json.loads(loaded.state["model_config"]), source=str(loaded.path)))
+
+    def fits(loaded: ckpt.LoadedCheckpoint) -> None:
+        try:
+            ckpt.check_fits(build(loaded), loaded.weights["ema"], loaded.path / "ema.safetensors")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ckpt.CheckpointDamaged(f"checkpoint {loaded.path}: {e}") from None
+
+    found = ckpt.read_newest(output_dir / "checkpoints", parts=("ema",), fits=fits)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint under {output_dir / 'checkpoints'} to export")
+    model = build(found)
+    model.load_state_dict(found.weights["ema"])
+    return model.save_pretrained(Path(destination) if destination is not None else output_dir / "export")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def train(config: GeneratorTrainConfig, *, progress: bool = True) -> TrainResult:
+    """Run (or resume) stage-2 training as described by ``config``; returns where it ended.
+
+    Process-wide torch settings changed for the run (thread count, deterministic algorithms) are restored on return.
+    """
+    with preserve_torch_settings():
+        return _train(config, progress=progress)
+
+
+def _train(config: GeneratorTrainConfig, *, progress: bool) -> TrainResult:
+    info = du.init_distributed(device=config.device)
+    device = info.device
+    configure_determinism(device=device, deterministic=config.deterministic, threads=config.threads)
+    output_dir = prepare_output_dir(config.output_dir, info=info)
+    p = _build(config, device=device)
+    model, mcfg = p.model, p.model.config
+    guard = NonFiniteGuard(max_skips=config.nonfinite.max_skips)
+    checkpointer = Checkpointer(
+        output_dir / "checkpoints",
+        info=info,
+        # Checkpoints always hold an "ema" file: without an EMA it is the model itself (decay 0), what export reads.
+        modules={"model": model, "ema": p.eval_model},
+        states={"optimizer": p.optimizer, "scaler": p.scaler},
+        keep_last=config.keep_last,
+        guard=guard,
+        recipe=config,
+        allow_recipe_changes=config.resume.allow_changes,
+    )
+    resumed = checkpointer.resume(
+        check=lambda state, path: _check_resume(state, path, current=mcfg, train_file=config.data.train)
+    )
+    start_step = resumed.step if resumed is not None else 0
+    if info.is_main:
+        save_config(config, output_dir / "config.yaml")
+
+    epoch, batch_in_epoch = (resumed.epoch, resumed.batch_in_epoch) if resumed is not None else (0, 0)
+    train_set = p.tokens.train
+    loader = RowLoader(
+        len(train_set), batch_size=config.batch_size, seed=config.seed, rank=info.rank, world_size=info.world_size
+    )
+    try:
+        stream = BatchStream(loader, epoch=epoch, batch_in_epoch=batch_in_epoch)
+    except ValueError:
+        raise ConfigError(
+            f"data.train: {len(train_set)} token grids over {info.world_size} process(es) give no full batch of "
+            f"{config.batch_size}; lower batch_size"
+        ) from None
+    p.run = wrap_ddp(model, info=info, find_unused_parameters=config.find_unused_parameters)
+
+    logger = TrainLogger(
+        output_dir=output_dir,
+        enabled=info.is_main,
+        max_steps=config.max_steps,
+        start_step=start_step,
+        progress=progress,
+    )
+    window = MetricWindow(device=device, samples_per_step=config.batch_size * config.grad_accum * info.world_size)
+    guard.report = logger.info  # skipped steps also go to train.log
+    if info.is_main and start_step == 0:
+        counts = model.parameter_counts()
+        classes = "unlabelled: one class" if p.tokens.unlabelled else f"{mcfg.num_classes} classes"
+        k_text = f"K={p.tokens.levels[0]}" if p.sampler is None else repr(p.sampler)
+        logger.info(
+            f"training {mcfg.kind} generator {mcfg.name} for {config.max_steps} steps, {info.world_size} process(es) "
+            f"on {device.type}, effective batch {window.samples_per_step}, {counts['total'] / 1e6:.2f}M parameters; "
+            f"{len(train_set)} token grids of L={mcfg.num_positions} from {config.data.train} ({classes}); {k_text}"
+        )
+
+    last_postfix: dict[str, float] = {}
+    step = start_step
+    stop = StopFlag()
+    try:
+        with stop:
+            while step < config.max_steps:
+                window.start_step()
+                num_tokens = p.num_tokens(step)
+                reseed_globals(derive_seed(config.seed, step, info.rank))
+                factor = lr_factor(step, config=config.schedule, max_steps=config.max_steps)
+                lr = apply_lr(p.optimizer, base_lr=config.optim.lr, factor=factor)
+                _optimizer_step(
+                    p,
+                    config,
+                    step=step,
+                    num_tokens=num_tokens,
+                    stream=stream,
+                    window=window,
+                    device=device,
+                    guard=guard,
+                )
+                step += 1
+                window.add({"num_tokens": float(num_tokens)})
+                log_now = step % config.log_every == 0 or step == config.max_steps
+                window.end_step(sync=log_now)
+
+                if log_now:
+                    means = window.reduce()
+                    values = {**means.values, "lr": lr, "images_per_s": means.samples_per_s}
+                    logger.scalars(step=step, values=values)
+                    last_postfix = {"loss": values["loss"], "img/s": means.samples_per_s, "K": num_tokens}
+                logger.advance(step=step, postfix=last_postfix)
+                if (
+                    p.tokens.val is not None
+                    and info.is_main
+                    and (step % config.val_every == 0 or step == config.max_steps)
+                ):
+                    _validate(p, config, step=step, logger=logger, device=device)
+                stop_now = any_rank(stop.requested, device=device)
+                if step % config.checkpoint_every == 0 or step == config.max_steps or stop_now:
+                    checkpointer.save(
+                        step=step,
+                        stream=stream,
+                        extra={"model_config": json.dumps(mcfg.to_dict(), default=list)},
+                        meta={"preset": mcfg.name, "kind": mcfg.kind},
+                    )
+                if stop_now:
+                    logger.info(f"stopping at step {step} on request; run the same command again to resume")
+                    break
+    finally:
+        logger.close()
+
+    export_dir = None
+    if config.export and step >= config.max_steps and info.is_main:
+        export_dir = p.eval_model.save_pretrained(output_dir / "export")
+        what = "EMA generator" if p.ema is not None else "generator"
+        print(f"exported the {what} to {export_dir}", flush=True)
+    du.barrier()
+    du.cleanup()
+    return TrainResult(
+        output_dir=output_dir,
+        step=step,
+        checkpoint=checkpointer.latest,
+        export=export_dir,
+        images_per_second=window.run_samples_per_s,
+        rank=info.rank,
+        interrupted_by=stop.signum if step < config.max_steps else None,
+        model=model,
+        ema_model=p.ema.module if p.ema is not None else None,
+    )
+
+
+def _optimizer_step(
+    p: _Parts,
+    config: GeneratorTrainConfig,
+    *,
+    step: int,
+    num_tokens: int,
+    stream: BatchStream,
+    window: MetricWindow,
+    device: torch.device,
+    guard: NonFiniteGuard,
+) -> None:
+    """One optimizer step over ``grad_accum`` micro-batches, all at ``num_tokens`` = K.
+
+    A step whose loss or gradients are not finite updates nothing, the EMA included (``guard``).
+    """
+    run = p.run
+    assert run is not None
+    accum = config.grad_accum
+    loss_sum = torch.zeros((), device=device)
+    p.model.train()
+    for micro in range(accum):
+        batch = p.tokens.train.batch(stream.next(), num_tokens=num_tokens).to(device, non_blocking=True)
+        # no_sync must cover the forward too: DDP decides there whether the backward all-reduces.
+        with maybe_no_sync(run, sync=micro == accum - 1):
+            with autocast(device, config.precision):
+                out = run(
+                    indices=batch.indices,
+                    assignment=batch.assignment,
+                    labels=p.labels(batch.labels),
+                    num_tokens=num_tokens,
+                )
+            p.scaler.scale(out.loss / accum).backward()
+        window.add({"loss": out.loss.detach(), **out.losses}, scale=1.0 / accum)
+        loss_sum = loss_sum + out.loss.detach().float()
+    p.scaler.unscale_(p.optimizer)
+    max_norm = config.grad_clip if config.grad_clip is not None else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), max_norm)
+    if guard.check(step=step, loss=loss_sum, grad_norm=grad_norm, scaler=p.scaler):
+        guard.discard(p.optimizer, p.scaler)
+        return
+    p.scaler.step(p.optimizer)
+    p.scaler.update()
+    p.optimizer.zero_grad(set_to_none=True)
+    if p.ema is not None:
+        p.ema.update(p.model)
+    window.add({"grad_norm": grad_norm.float()})
+
+
+@torch.no_grad()
+def _validate(
+    p: _Parts, config: GeneratorTrainConfig, *, step: int, logger: TrainLogger, device: torch.device
+) -> dict[str, float]:
+    """Mean cross-entropy (sum over bit groups) and accuracy of the EMA (or raw) model on the fixed val subset."""
+    val = p.tokens.val
+    assert val is not None
+    model = p.eval_model
+    was_training = model.training
+    model.eval()  # no dropout, no class dropout
+    count = min(len(val), config.data.val_images)
+    rows = torch.linspace(0, len(val) - 1, count).round().long().unique()
+    values: dict[str, float] = {}
+    try:
+        for k in p.tokens.levels:
+            loss = accuracy = 0.0
+            for chunk in rows.split(config.batch_size):
+                batch = val.batch(chunk, num_tokens=k).to(device, non_blocking=True)
+                with autocast(device, config.precision):
+                    out = model(
+                        indices=batch.indices, assignment=batch.assignment, labels=p.labels(batch.labels), num_tokens=k
+                    )
+                loss += float(out.loss) * len(chunk)
+                accuracy += float(out.losses["accuracy"]) * len(chunk)
+            suffix = f"_k{k}" if p.sampler is not None else ""
+            values[f"loss{suffix}"], values[f"accuracy{suffix}"] = loss / len(rows), accuracy / len(rows)
+    finally:
+        model.train(was_training)
+    if p.sampler is not None:  # MergeAR: also the mean over the merge levels
+        values["loss"] = sum(values[f"loss_k{k}"] for k in p.tokens.levels) / len(p.tokens.levels)
+        values["accuracy"] = sum(values[f"accuracy_k{k}"] for k in p.tokens.levels) / len(p.tokens.levels)
+    logger.scalars(step=step, values=values, prefix="val")
+    per_k = ", ".join(f"K={k} {values[f'loss_k{k}']:.4f}" for k in p.tokens.levels) if p.sampler is not None else ""
+    detail = f" ({per_k})" if per_k else ""
+    logger.info(f"step {step}: val loss {values['loss']:.4f}{detail}, accuracy {values['accuracy']:.4f}")
+    return values
