@@ -24,6 +24,7 @@ from mergevq.commands.train_tokenizer import main
 from mergevq.data.images import ImageDataset, list_images
 from mergevq.data.tokens import save_tokens
 from mergevq.data.transforms import eval_transform
+from mergevq.generator import Generator
 from mergevq.tokenizer.config import TokenizerConfig
 from mergevq.tokenizer.model import MergeVQ
 from mergevq.train import checkpoint as ckpt
@@ -266,6 +267,18 @@ def test_resume_refuses_recipe_changes_unless_allowed(recipe, tmp_path, capsys):
     assert "optim.lr (0.0001 -> 0.0002)" in capsys.readouterr().err and steps(out) == [3, 4]
 
 
+def test_another_model_size_is_named_before_the_weights_are_verified(recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(recipe, out, "max_steps=2", "export=false")) == 0
+    capsys.readouterr()
+    weights = out / "checkpoints" / "step_00000002" / "model.safetensors"
+    for _ in range(2):  # intact, then with weights that could not load: the other config is what gets reported
+        assert main(train_args(recipe, out, "max_steps=4", "model.overrides.depth=4")) == 2
+        err = one_line(capsys.readouterr().err)
+        assert "was written for model preset 'tiny-32'" in err and "depth (3 vs 4)" in err, err
+        weights.write_bytes(weights.read_bytes()[:100])
+
+
 def test_check_resume_lists_changes_and_honours_the_allow_list():
     saved = {"max_steps": 10, "batch_size": 4, "data": {"train": "a", "num_workers": 2}, "variant": "gr"}
     current = {"max_steps": 20, "batch_size": 4, "data": {"train": "b", "num_workers": 8}, "variant": "g"}
@@ -502,6 +515,8 @@ def test_small_items(tmp_path):
     mask = os.umask(0o022)
     try:
         exported = MergeVQ.from_preset("tiny-32").save_pretrained(tmp_path / "export")
+        generator = Generator.from_preset("tiny", codebook_bits=8, grid=(2, 2), num_classes=2)
+        generator_dir = generator.save_pretrained(tmp_path / "generator")
         zeros = torch.zeros(2, 64, dtype=torch.long)
         tokens = save_tokens(
             tmp_path / "t.safetensors", indices=zeros[:, :4], assignment=zeros, labels=zeros[:, 0], meta={}
@@ -509,7 +524,12 @@ def test_small_items(tmp_path):
         saved = ckpt.save_checkpoint(tmp_path / "c", step=1, weights={"model": {"w": torch.ones(1)}}, state={})
     finally:
         os.umask(mask)
-    for path in (exported / "model.safetensors", tokens, saved / "model.safetensors"):
+    for path in (
+        exported / "model.safetensors",
+        generator_dir / "model.safetensors",
+        tokens,
+        saved / "model.safetensors",
+    ):
         assert path.stat().st_mode & 0o777 == 0o644, path
 
 

@@ -78,3 +78,31 @@ def test_items_and_dataloader_collate(token_path: Path) -> None:
     assert torch.equal(batches[0].indices, dataset.batch(torch.arange(4), num_tokens=16).indices)
     with pytest.raises(ValueError, match=r"no K=8 tokens; available K: \[4, 16\]"):
         TokenDataset.collate([item], num_tokens=8)
+
+
+def test_memory_stays_compact_and_batches_are_int64(token_path: Path) -> None:
+    wide = load_tokens(token_path)  # int64, as the file's values are compared against
+    compact = load_tokens(token_path, compact=True)
+    assert {t.dtype for k in KS for t in compact.get(num_tokens=k)} == {torch.int32, torch.int16}
+    per_image = sum(k * 4 + NUM_POSITIONS * 2 for k in KS) + 8  # int32 codes, int16 assignments, int64 label
+    for dataset in (TokenDataset(token_path), TokenDataset(wide), TokenDataset(compact)):  # int64 sources narrowed
+        assert dataset.nbytes == NUM_IMAGES * per_image
+        rows = torch.tensor([9, 2, 2, 5])
+        for k in KS:
+            batch = dataset.batch(rows, num_tokens=k)
+            assert batch.indices.dtype == batch.assignment.dtype == batch.labels.dtype == torch.int64
+            indices, assignment = wide.get(num_tokens=k)
+            assert torch.equal(batch.indices, indices[rows]) and torch.equal(batch.assignment, assignment[rows])
+            assert torch.equal(batch.labels, wide.labels[rows])
+        item = dataset[4]
+        assert item["indices_k16"].dtype == item["assignment_k4"].dtype == torch.int64
+    # Codes too wide for int32 stay int64.
+    wide_codes = save_tokens(
+        token_path.with_name("wide.safetensors"),
+        indices=torch.full((2, 4), 2**40),
+        assignment=torch.arange(8).expand(2, 8) // 2,
+        labels=torch.zeros(2, dtype=torch.long),
+        meta={},
+    )
+    held = TokenDataset(wide_codes)
+    assert held.batch([1], num_tokens=4).indices.tolist() == [[2**40] * 4] and held.nbytes == 2 * (4 * 8 + 8 * 2 + 8)

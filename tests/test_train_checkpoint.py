@@ -121,3 +121,47 @@ def test_sigkill_during_write_never_exposes_a_partial_checkpoint(tmp_path):
     assert latest is not None and latest.step == 1
     assert ckpt.load_state(latest.path)["step"] == 1
     assert os.path.getsize(latest.path / "model.safetensors") > 32_000_000
+
+
+def test_the_ema_part_is_optional(tmp_path):
+    model = {"w": torch.arange(3.0)}
+    path = ckpt.save_checkpoint(tmp_path, step=1, weights={"model": model}, state={})
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.safetensors", "state.pt"]
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [1] and ckpt.find_latest(tmp_path).step == 1
+    # Asked for, an absent EMA is damage, unless a substitute is named: then the model's tensors, read once.
+    with pytest.raises(ckpt.CheckpointDamaged, match="ema.safetensors is missing"):
+        ckpt.read_checkpoint(path, parts=("model", "ema"))
+    loaded = ckpt.read_checkpoint(path, parts=("model", "ema"), substitutes={"ema": "model"})
+    assert loaded.substituted == {"ema": "model"} and loaded.weights["ema"] is loaded.weights["model"]
+    assert loaded.file("ema") == path / "model.safetensors" and loaded.file("model") == path / "model.safetensors"
+    assert torch.equal(ckpt.read_checkpoint(path, parts=("ema",), substitutes={"ema": "model"}).weights["ema"]["w"],
+                       model["w"])  # fmt: skip
+    # An EMA that was written and then lost is damage, never substituted.
+    written = ckpt.save_checkpoint(tmp_path, step=2, weights={"model": model, "ema": model}, state={})
+    (written / "ema.safetensors").unlink()
+    with pytest.raises(ckpt.CheckpointDamaged, match="ema.safetensors is missing"):
+        ckpt.read_checkpoint(written, parts=("ema",), substitutes={"ema": "model"})
+
+
+def test_the_state_is_checked_before_the_weights_are_verified(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, step=1, weights={"model": {"w": torch.ones(3)}}, state={"config": "a"})
+    weights_file = path / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:-1] + b"!")  # same size, another checksum
+
+    class OtherModel(Exception):
+        pass
+
+    def check(state, where):
+        if state["config"] != "b":
+            raise OtherModel(f"{where} was written for {state['config']}")
+
+    with pytest.raises(OtherModel, match="step_00000001 was written for a"):
+        ckpt.read_checkpoint(path, parts=("model",), check=check)
+    with pytest.raises(OtherModel):
+        ckpt.read_newest(tmp_path, parts=("model",), check=check)
+    with pytest.raises(ckpt.CheckpointDamaged, match="model.safetensors does not match its checksum"):
+        ckpt.read_checkpoint(path, parts=("model",), check=lambda state, where: None)
+    # A damaged state.pt is damage: there is no config to compare.
+    (path / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointDamaged, match="state.pt has 7 bytes"):
+        ckpt.read_checkpoint(path, parts=("model",), check=check)

@@ -29,20 +29,21 @@ __all__ = ["main", "register"]
 _EPILOG = """\
 overrides:
   Any config key as section.key=value, parsed as YAML, e.g.
-    max_steps=2000 batch_size=32 optim.lr=1e-3 data.val=null model.kind=mergear data.num_tokens=[16,32]
+    max_steps=2000 batch_size=32 optim.lr=1e-3 data.val=null model.kind=randar data.num_tokens=[16,32]
     model.preset=small model.overrides.window=8 model.overrides.label_smoothing=0.1 ema_decay=null
   An unknown key or a wrongly typed value stops with a one-line error (exit code 2).
 
 tokens (data.train, data.val: files written by `mergevq encode --num-tokens K ...`):
-  codebook bits, grid, classes and the tokenizer identity come from the token file. Vanilla AR (model.kind=ar)
-  trains on K = L, which the file must store; MergeAR (model.kind=mergear) draws K per optimizer step from its
-  merge levels (data.num_tokens; default: every stored K below L) with merge.distribution (default uniform).
+  codebook bits, grid, classes and the tokenizer identity come from the token file. Vanilla AR (model.kind=ar) and
+  MaskGIT (maskgit) train on K = L, which the file must store; MergeAR (mergear) and RandAR (randar) draw K per
+  optimizer step from their merge levels (data.num_tokens; default: every stored K below L) with
+  merge.distribution (default uniform).
   Labels all -1 (a flat folder) train a one-class generator; mixed -1 and class labels are refused.
   A val file or a checkpoint from another tokenizer, or a K the file does not store, is a one-line error (exit 2).
 
 output (output_dir):
   config.yaml       the fully resolved config of the latest launch
-  checkpoints/      step_NNNNNNNN/ (model, EMA safetensors + state.pt); the newest is resumed
+  checkpoints/      step_NNNNNNNN/ (model, EMA when ema_decay is set, state.pt); the newest is resumed
   logs/             train.log, train.jsonl, tb/ (TensorBoard)
   export/           the (EMA) generator, loadable with Generator.from_pretrained and `mergevq sample`
 
@@ -68,16 +69,18 @@ def _run(args: argparse.Namespace) -> int:
 
 COMMAND = TrainCommand(
     name="train-generator",
-    help="train (or resume) a stage-2 generator (vanilla AR or MergeAR) on a token file",
-    description="Train a class-conditional generator over MergeVQ tokens (stage 2): vanilla raster AR or MergeAR "
-    "with merge instructions; cross-entropy per bit group; optional EMA; resumable checkpoints; DDP under torchrun.",
+    help="train (or resume) a stage-2 generator (vanilla AR, MergeAR, RandAR or MaskGIT) on a token file",
+    description="Train a class-conditional generator over MergeVQ tokens (stage 2): vanilla raster AR, MergeAR with "
+    "merge instructions, RandAR over the merged tokens, or MaskGIT; cross-entropy per bit group; optional EMA; "
+    "resumable checkpoints; DDP under torchrun.",
     epilog=keys_help(
         GeneratorTrainConfig,
         source="mergevq/train/generator_recipe.py",
         notes={"model": "overrides.<any GeneratorConfig field but the token file's>"},
     )
     + _EPILOG,
-    config_help="YAML training config (see configs/cifar10/{ar,mergear}.yaml, configs/imagenet/*-l.yaml)",
+    config_help="YAML training config (see configs/cifar10/{ar,mergear,randar,maskgit}.yaml, "
+    "configs/imagenet/*-l.yaml)",
     run=_run,
     flags={"--export-only": "do not train: save the (EMA) generator of the newest checkpoint to output_dir/export"},
 )

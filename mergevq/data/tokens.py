@@ -16,12 +16,12 @@ in ``[0, K)``, indices are >= 0 and below ``2**codebook_bits`` when ``meta`` nam
 K merged tokens owns at least one position is *not* checked: the encoder always produces K non-empty groups, but an
 assignment predicted by learned Source Recovery may leave a token unused and is still a valid file.
 
-Storage is compact; loading always returns int64 tensors. Files are written to a temporary sibling and renamed into
-place, so a crash never leaves a half-written file under the final name.
+Storage is compact; loading returns int64 tensors (``compact=True``: the stored dtypes). Files are written to a
+temporary sibling and renamed into place, so a crash never leaves a half-written file under the final name.
 
-:class:`TokenDataset` keeps a whole file in memory (CIFAR-10 train at L=64 is a few MB per K) and hands out
-:class:`TokenBatch` es for index arrays, one K per batch, so a trainer can pick K per optimizer step without a
-DataLoader.
+:class:`TokenDataset` keeps a whole file in memory in the compact dtypes (CIFAR-10 train at L=64 is a few MB per K;
+ImageNet with five K about 8 GB, where int64 would take 23 GB) and hands out int64 :class:`TokenBatch` es for index
+arrays, one K per batch, so a trainer can pick K per optimizer step without a DataLoader.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _assignment_key(num_tokens: int) -> str:
 
 @dataclass
 class TokenFile:
-    """Contents of a token file; all tensors int64 on CPU.
+    """Contents of a token file; tensors on CPU, int64 (``load_tokens(compact=True)``: the stored dtypes).
 
     ``entries`` maps each stored K to ``(indices [N, K], assignment [N, L])``; every entry shares ``labels [N]``.
     """
@@ -151,6 +151,14 @@ def _smallest_dtype(tensor: torch.Tensor, candidates: tuple[torch.dtype, ...]) -
         if info.min <= low and high <= info.max:
             return dtype
     return torch.int64
+
+
+def _compact(indices: torch.Tensor, assignment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dtypes :func:`save_tokens` stores (a no-op for tensors loaded with ``compact=True``)."""
+    return (
+        indices.to(_smallest_dtype(indices, (torch.int32,))),
+        assignment.to(_smallest_dtype(assignment, (torch.int16, torch.int32))),
+    )
 
 
 def _codebook_bits(meta: Mapping[str, Any]) -> int | None:
@@ -273,10 +281,8 @@ def save_tokens(
 
     tensors = {"labels": labels_t.to(torch.int64).contiguous()}
     for k, (indices_t, assignment_t) in sorted(pairs.items()):
-        tensors[_indices_key(k)] = indices_t.to(_smallest_dtype(indices_t, (torch.int32,))).contiguous()
-        tensors[_assignment_key(k)] = assignment_t.to(
-            _smallest_dtype(assignment_t, (torch.int16, torch.int32))
-        ).contiguous()
+        indices_c, assignment_c = _compact(indices_t, assignment_t)
+        tensors[_indices_key(k)], tensors[_assignment_key(k)] = indices_c.contiguous(), assignment_c.contiguous()
     metadata = {
         "format": TOKEN_FORMAT,
         "version": _FORMAT_VERSION,
@@ -318,10 +324,11 @@ def _parse_num_tokens(path: Path, text: str | None, keys: set[str]) -> list[int]
     return sorted(set(listed))
 
 
-def load_tokens(path: str | Path) -> TokenFile:
+def load_tokens(path: str | Path, *, compact: bool = False) -> TokenFile:
     """Read a token file written by :func:`save_tokens` (version 2, or the single-K version 1).
 
-    Errors name the file and what is wrong with it.
+    Tensors are int64, or with ``compact=True`` the dtypes the file stores (int32 indices, int16 assignments: about a
+    third of the memory). Errors name the file and what is wrong with it.
     """
     path = Path(path)
     if not path.is_file():
@@ -361,8 +368,9 @@ def load_tokens(path: str | Path) -> TokenFile:
     for key, tensor in tensors.items():
         if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
             raise ValueError(f"token file {path}: {key} has dtype {tensor.dtype}, expected an integer type")
-    tensors = {key: tensor.to(torch.int64) for key, tensor in tensors.items()}
-    labels = tensors["labels"]
+    if not compact:
+        tensors = {key: tensor.to(torch.int64) for key, tensor in tensors.items()}
+    labels = tensors["labels"].to(torch.int64)  # [N]: small, and what every caller compares
     where = f"token file {path} is inconsistent"
     if version == "1":
         indices, assignment = tensors["indices"], tensors["assignment"]
@@ -457,8 +465,10 @@ class TokenBatch:
 class TokenDataset(Dataset):
     """All of a token file in memory; batches are drawn by index arrays at one K per batch.
 
-    ``num_tokens`` keeps only some of the stored K (default: all). ``device`` moves everything there once, so
-    :meth:`batch` is a few gathers with no host-to-device copy (token files are small).
+    ``num_tokens`` keeps only some of the stored K (default: all). The tensors are held in the file's compact dtypes
+    (int32 indices, int16 assignments where the values fit; an int64 :class:`TokenFile` is narrowed the same way) and
+    each batch is converted to int64, so memory is the file's size, not 2-4x it. ``device`` moves everything there
+    once, so :meth:`batch` is a few gathers with no host-to-device copy.
 
     ``dataset[i]`` returns ``{"labels": int64 scalar, "indices_k{K}": [K], "assignment_k{K}": [L], ...}`` for use
     with a DataLoader; :meth:`collate` turns a list of those into a :class:`TokenBatch` at one K.
@@ -471,14 +481,14 @@ class TokenDataset(Dataset):
         num_tokens: Sequence[int] | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        tokens = source if isinstance(source, TokenFile) else load_tokens(source)
+        tokens = source if isinstance(source, TokenFile) else load_tokens(source, compact=True)
         keep = tokens.num_tokens_available if num_tokens is None else tuple(sorted(set(num_tokens)))
         self.source = tokens.source
         self.meta = tokens.meta
         self.labels = tokens.labels.to(device) if device is not None else tokens.labels  # [N]
         self._entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for k in keep:
-            indices, assignment = tokens.get(num_tokens=k)
+            indices, assignment = _compact(*tokens.get(num_tokens=k))
             if device is not None:
                 indices, assignment = indices.to(device), assignment.to(device)
             self._entries[k] = (indices, assignment)
@@ -487,6 +497,12 @@ class TokenDataset(Dataset):
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the labels and every kept K's indices and assignments."""
+        held = [self.labels, *(t for pair in self._entries.values() for t in pair)]
+        return sum(t.numel() * t.element_size() for t in held)
 
     @property
     def num_tokens_available(self) -> tuple[int, ...]:
@@ -517,8 +533,8 @@ class TokenDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = {"labels": self.labels[index]}
         for k, (indices, assignment) in self._entries.items():
-            item[_indices_key(k)] = indices[index]
-            item[_assignment_key(k)] = assignment[index]
+            item[_indices_key(k)] = indices[index].long()
+            item[_assignment_key(k)] = assignment[index].long()
         return item
 
     def batch(self, rows: torch.Tensor | np.ndarray | Sequence[int] | slice, *, num_tokens: int) -> TokenBatch:
@@ -530,7 +546,8 @@ class TokenDataset(Dataset):
                 raise ValueError(f"token dataset from {self.source}: rows must be a 1-D index array, got shape "
                                  f"{tuple(rows.shape)}")  # fmt: skip
             rows = rows.to(self.labels.device)
-        return TokenBatch(indices=indices[rows], assignment=assignment[rows], labels=self.labels[rows])
+        # Gather in the compact dtype, then widen only the B rows.
+        return TokenBatch(indices=indices[rows].long(), assignment=assignment[rows].long(), labels=self.labels[rows])
 
     @staticmethod
     def collate(items: Sequence[Mapping[str, torch.Tensor]], *, num_tokens: int) -> TokenBatch:

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mergevq.files import give_default_mode
 from mergevq.generator.ar import RasterAR, RasterDecoder, raster_positions
 from mergevq.generator.config import MERGE_LEVEL_KINDS, GeneratorConfig
 from mergevq.generator.gpt import Transformer, init_weights
@@ -114,6 +115,7 @@ class Generator(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "kind": self.config.kind, "preset": self.config.name})
+        give_default_mode(tmp)  # safetensors creates files 0600; weights are meant to be shared
         tmp.replace(directory / WEIGHTS_NAME)
         return directory
 

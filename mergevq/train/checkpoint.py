@@ -3,9 +3,10 @@
 Layout of ``output_dir/checkpoints``::
 
     step_00001000/                 one committed checkpoint (the number counts completed optimizer steps)
-        model.safetensors          tokenizer weights
-        ema.safetensors            EMA tokenizer weights (what validation and export use)
-        discriminator.safetensors  PatchGAN weights and BatchNorm statistics
+        model.safetensors          the trained weights
+        ema.safetensors            EMA weights (what validation and export use), only when the run keeps an EMA:
+                                   stage 1 always, stage 2 when ema_decay is set
+        discriminator.safetensors  PatchGAN weights and BatchNorm statistics (stage 1)
         alignment.safetensors      trainable or EMA alignment state (only when there is any)
         state.pt                   optimizers, GradScalers, data position, per-rank RNG and LeCAM state, configs
         meta.json                  a human-readable summary, with the size and sha256 of every other file
@@ -18,9 +19,10 @@ and never removes the newest checkpoint known to be good. ``state.pt`` holds onl
 loads with ``torch.load(weights_only=True)``.
 
 Weights holding NaN/inf are refused at save time (:class:`NonFiniteWeights`). Reading back
-(:func:`read_checkpoint`, :func:`read_newest`) checks the recorded sizes and checksums, that every part loads and is
-finite; a damaged checkpoint is a one-line :class:`CheckpointDamaged`, and :func:`read_newest` falls back to the next
-older one.
+(:func:`read_checkpoint`, :func:`read_newest`) checks ``state.pt`` first and hands it to the caller's ``check`` (a
+checkpoint of another model or recipe is that error, not damage), then the recorded sizes and checksums of the other
+files, that every part loads and is finite; a damaged checkpoint is a one-line :class:`CheckpointDamaged`, and
+:func:`read_newest` falls back to the next older one.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-REQUIRED_FILES = ("model.safetensors", "ema.safetensors", "state.pt")
-CHECKPOINT_FILES = REQUIRED_FILES + ("discriminator.safetensors", "alignment.safetensors", "meta.json")
+REQUIRED_FILES = ("model.safetensors", "state.pt")
+_OPTIONAL_FILES = ("ema.safetensors", "discriminator.safetensors", "alignment.safetensors", "meta.json")
+CHECKPOINT_FILES = REQUIRED_FILES + _OPTIONAL_FILES
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
@@ -391,6 +394,11 @@ class LoadedCheckpoint:
     path: Path
     state: dict[str, Any] = field(repr=False)  # the whole state.pt
     weights: dict[str, dict[str, torch.Tensor]] = field(repr=False)  # file stem -> tensors (CPU)
+    substituted: dict[str, str] = field(default_factory=dict)  # absent stem -> the stem whose weights stand in
+
+    def file(self, stem: str) -> Path:
+        """The file the ``stem`` weights were read from (its substitute's when it was absent)."""
+        return self.path / f"{self.substituted.get(stem, stem)}.safetensors"
 
 
 def _short(error: BaseException) -> str:
@@ -398,53 +406,92 @@ def _short(error: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _check_files(path: Path) -> None:
-    """Sizes and sha256 against meta.json (checkpoints written before checksums existed skip this)."""
+def _recorded_files(path: Path) -> dict[str, Any]:
+    """meta.json's file name -> {bytes, sha256}; empty for checkpoints written before checksums existed."""
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        return
+        return {}
     try:
         recorded = json.loads(meta_file.read_text()).get("files", {})
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointDamaged(f"checkpoint {path}: meta.json is unreadable ({_short(e)})") from None
-    for name, expected in sorted(recorded.items()):
-        file = path / name
-        if not file.is_file():
-            raise CheckpointDamaged(f"checkpoint {path}: {name} is missing")
-        actual = _digest(file)
-        if actual["bytes"] != expected.get("bytes"):
-            raise CheckpointDamaged(
-                f"checkpoint {path}: {name} has {actual['bytes']} bytes, {expected.get('bytes')} were written"
-            )
-        if actual["sha256"] != expected.get("sha256"):
-            raise CheckpointDamaged(f"checkpoint {path}: {name} does not match its checksum (modified or corrupted)")
+    return recorded if isinstance(recorded, dict) else {}
 
 
-def read_checkpoint(path: str | Path, *, parts: Iterable[str]) -> LoadedCheckpoint:
+def _check_file(path: Path, name: str, expected: Mapping[str, Any]) -> None:
+    file = path / name
+    if not file.is_file():
+        raise CheckpointDamaged(f"checkpoint {path}: {name} is missing")
+    actual = _digest(file)
+    if actual["bytes"] != expected.get("bytes"):
+        raise CheckpointDamaged(
+            f"checkpoint {path}: {name} has {actual['bytes']} bytes, {expected.get('bytes')} were written"
+        )
+    if actual["sha256"] != expected.get("sha256"):
+        raise CheckpointDamaged(f"checkpoint {path}: {name} does not match its checksum (modified or corrupted)")
+
+
+def _check_files(path: Path, *, skip: Iterable[str] = ()) -> None:
+    """Sizes and sha256 against meta.json (checkpoints written before checksums existed skip this)."""
+    skipped = set(skip)
+    for name, expected in sorted(_recorded_files(path).items()):
+        if name not in skipped:
+            _check_file(path, name, expected)
+
+
+def _read_weights(path: Path, stem: str) -> dict[str, torch.Tensor]:
+    file = path / f"{stem}.safetensors"
+    if not file.is_file():
+        raise CheckpointDamaged(f"checkpoint {path}: {file.name} is missing")
+    try:
+        tensors = load_file(str(file))
+    except Exception as e:  # safetensors has its own error type for corrupt headers and short files
+        raise CheckpointDamaged(f"checkpoint {path}: {file.name} is unreadable ({_short(e)})") from None
+    bad = first_nonfinite(tensors.items())
+    if bad is not None:
+        raise CheckpointDamaged(f"checkpoint {path}: {file.name} holds NaN/inf values ({bad})")
+    return tensors
+
+
+def read_checkpoint(
+    path: str | Path,
+    *,
+    parts: Iterable[str],
+    substitutes: Mapping[str, str] | None = None,
+    check: Callable[[dict[str, Any], Path], None] | None = None,
+) -> LoadedCheckpoint:
     """Read ``state.pt`` and the ``parts`` weights of one checkpoint, verified; raises :class:`CheckpointDamaged`.
 
-    Checks: the sizes and checksums recorded at commit time, that each file loads, and that weights are finite.
+    Order: ``state.pt`` (its recorded size and checksum, that it loads), then ``check(state, path)`` whose errors
+    propagate (a checkpoint of another model is that error even when its weights could not be used), then the other
+    recorded files, that each part loads and is finite. ``substitutes`` maps an optional part to the part read in its
+    place when the checkpoint does not hold it, e.g. ``{"ema": "model"}`` (a part that was written but is gone is
+    damage, never substituted).
     """
     path = Path(path)
-    _check_files(path)
+    recorded = _recorded_files(path)
+    if "state.pt" in recorded:
+        _check_file(path, "state.pt", recorded["state.pt"])
     try:
         state = load_state(path)
     except Exception as e:  # torch/pickle raise many types for a truncated or overwritten file
         raise CheckpointDamaged(f"checkpoint {path}: state.pt is unreadable ({_short(e)})") from None
+    if check is not None:
+        check(state, path)
+    _check_files(path, skip=("state.pt",))
+    substitutes = dict(substitutes or {})
     weights: dict[str, dict[str, torch.Tensor]] = {}
+    substituted: dict[str, str] = {}
     for stem in parts:
-        file = path / f"{stem}.safetensors"
-        if not file.is_file():
-            raise CheckpointDamaged(f"checkpoint {path}: {file.name} is missing")
-        try:
-            tensors = load_file(str(file))
-        except Exception as e:  # safetensors has its own error type for corrupt headers and short files
-            raise CheckpointDamaged(f"checkpoint {path}: {file.name} is unreadable ({_short(e)})") from None
-        bad = first_nonfinite(tensors.items())
-        if bad is not None:
-            raise CheckpointDamaged(f"checkpoint {path}: {file.name} holds NaN/inf values ({bad})")
-        weights[stem] = tensors
-    return LoadedCheckpoint(step=int(state.get("step", -1)), path=path, state=state, weights=weights)
+        if stem in substitutes and not (path / f"{stem}.safetensors").exists():
+            substituted[stem] = substitutes[stem]
+            continue
+        weights[stem] = _read_weights(path, stem)
+    for stem, other in substituted.items():  # the same tensors when the substitute is a part too: no second copy
+        weights[stem] = weights[other] if other in weights else _read_weights(path, other)
+    return LoadedCheckpoint(
+        step=int(state.get("step", -1)), path=path, state=state, weights=weights, substituted=substituted
+    )
 
 
 def _report_stderr(message: str) -> None:
@@ -455,24 +502,23 @@ def read_newest(
     checkpoint_dir: str | Path,
     *,
     parts: Iterable[str],
+    substitutes: Mapping[str, str] | None = None,
     check: Callable[[dict[str, Any], Path], None] | None = None,
     fits: Callable[[LoadedCheckpoint], None] | None = None,
     report: Callable[[str], None] = _report_stderr,
 ) -> LoadedCheckpoint | None:
     """The newest checkpoint that reads back intact (:func:`read_checkpoint`), or None when there is none.
 
-    ``check(state, path)`` runs first on each candidate that reads back; its errors (another model, another recipe)
-    propagate, they are not damage. ``fits(loaded)`` may then refuse one by raising :class:`CheckpointDamaged` (e.g.
-    shapes that do not fit this run's modules). Each refused newer checkpoint is reported in one line through
-    ``report``; when none is usable, :class:`CheckpointDamaged` lists them.
+    ``check(state, path)`` runs on each candidate's ``state.pt`` before its weights are verified; its errors (another
+    model, another recipe) propagate, they are not damage. ``fits(loaded)`` may then refuse one by raising
+    :class:`CheckpointDamaged` (e.g. shapes that do not fit this run's modules). Each refused newer checkpoint is
+    reported in one line through ``report``; when none is usable, :class:`CheckpointDamaged` lists them.
     """
     parts = tuple(parts)
     problems = []
     for info in reversed(list_checkpoints(checkpoint_dir)):
         try:
-            loaded = read_checkpoint(info.path, parts=parts)
-            if check is not None:
-                check(loaded.state, loaded.path)
+            loaded = read_checkpoint(info.path, parts=parts, substitutes=substitutes, check=check)
             if fits is not None:
                 fits(loaded)
         except CheckpointDamaged as e:

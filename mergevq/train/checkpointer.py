@@ -60,7 +60,9 @@ class Checkpointer:
         root: the checkpoint directory (``output_dir/checkpoints``).
         info: this process's rank and world size.
         modules: file stem → module, written as ``<stem>.safetensors``; ``None`` leaves a stem out (an optional part
-            such as a frozen alignment teacher).
+            such as a frozen alignment teacher, or the EMA of a run without one).
+        substitutes: stem → stem read in its place when a checkpoint does not hold it, e.g. ``{"ema": "model"}``: a
+            run that turned its EMA on starts the average from the checkpoint's weights.
         states: ``state.pt`` key → object with ``state_dict``/``load_state_dict`` (optimizers, GradScalers).
         keep_last: how many checkpoints to keep.
         guard: the run's non-finite step counter, saved and restored with the rest.
@@ -75,6 +77,7 @@ class Checkpointer:
         info: du.DistInfo,
         modules: Mapping[str, nn.Module | None],
         states: Mapping[str, Stateful],
+        substitutes: Mapping[str, str] | None = None,
         keep_last: int,
         guard: NonFiniteGuard | None = None,
         recipe: Any = None,
@@ -85,6 +88,7 @@ class Checkpointer:
         self.info = info
         self.modules = {stem: m for stem, m in modules.items() if m is not None}
         self.states = dict(states)
+        self.substitutes = dict(substitutes or {})
         self.keep_last = keep_last
         self.guard = guard
         self.recipe = config_to_dict(recipe) if dataclasses.is_dataclass(recipe) else recipe
@@ -95,20 +99,22 @@ class Checkpointer:
     def resume(self, *, check: Callable[[dict[str, Any], Path], None] | None = None) -> Resumed | None:
         """Load the newest intact checkpoint into the tracked objects and this rank's RNG; None when there is none.
 
-        Every part is verified first (:func:`~mergevq.train.checkpoint.read_newest`: checksums, readability, shapes,
-        finite weights); a damaged checkpoint is reported in one line and the next older one used. ``check(state,
-        path)`` runs before anything is loaded (e.g. refuse a checkpoint of another model), then the recipe check;
-        their errors propagate.
+        ``check(state, path)`` runs on ``state.pt`` before the weights are verified (e.g. refuse a checkpoint of
+        another model), then the recipe check; their errors propagate. Then every part is verified
+        (:func:`~mergevq.train.checkpoint.read_newest`: checksums, readability, shapes, finite weights); a damaged
+        checkpoint is reported in one line and the next older one used.
         """
         report = _warn0 if self.info.is_main else _quiet
         notes: list[str] = []
 
-        def vet(state: dict[str, Any], path: Path) -> None:  # before the shapes: another model is not damage
+        def vet(state: dict[str, Any], path: Path) -> None:  # before the weights: another model is not damage
             if check is not None:
                 check(state, path)
             notes[:] = self._check_recipe(state, path)
 
-        found = ckpt.read_newest(self.root, parts=self.modules, check=vet, fits=self._fits, report=report)
+        found = ckpt.read_newest(
+            self.root, parts=self.modules, substitutes=self.substitutes, check=vet, fits=self._fits, report=report
+        )
         chosen = du.all_gather_objects(None if found is None else str(found.path))
         if len(set(chosen)) > 1:  # e.g. a file system that shows ranks different files
             raise RunError(f"the processes of this run would resume from different checkpoints: {chosen}")
@@ -142,6 +148,8 @@ class Checkpointer:
                     f"{self.info.world_size}: data order and per-rank random streams will differ from the original run",
                     flush=True,
                 )
+            for stem, other in found.substituted.items():
+                notes.append(f"the checkpoint holds no {stem} weights: {stem} starts from its {other} weights")
             for note in notes:
                 print(note, file=sys.stderr if note.startswith("warning") else sys.stdout, flush=True)
         return resumed
@@ -149,7 +157,7 @@ class Checkpointer:
     def _fits(self, loaded: ckpt.LoadedCheckpoint) -> None:
         for stem, module in self.modules.items():
             try:
-                ckpt.check_fits(module, loaded.weights[stem], loaded.path / f"{stem}.safetensors")
+                ckpt.check_fits(module, loaded.weights[stem], loaded.file(stem))
             except ValueError as e:
                 raise ckpt.CheckpointDamaged(str(e)) from None
 

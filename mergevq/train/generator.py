@@ -3,22 +3,28 @@
     mergevq train-generator configs/cifar10/mergear.yaml max_steps=2000 optim.lr=1e-3
     torchrun --nproc_per_node=8 -m mergevq train-generator configs/imagenet/mergear-l.yaml
 
-The token file (``data.train``) decides the task: codebook bits, grid, classes, tokenizer identity and MergeAR's merge
-levels (:mod:`mergevq.train.generator_data`, which also documents the label rules).
+The token file (``data.train``) decides the task: codebook bits, grid, classes, tokenizer identity and the merge
+levels of MergeAR and RandAR (:mod:`mergevq.train.generator_data`, which also documents the label rules).
 
 One optimizer step (``step`` counts optimizer steps everywhere):
 
-1. K ~ the merge-level distribution, drawn from (seed, step): the same on every rank and after a restart (MergeAR;
-   vanilla AR: K = L);
-2. for each of ``grad_accum`` micro-batches at that K: cross-entropy of every raster position (sum over bit groups),
-   backward (gradients synchronised on the last one);
+1. K ~ the merge-level distribution, drawn from (seed, step): the same on every rank and after a restart (MergeAR,
+   RandAR; vanilla AR and MaskGIT: K = L);
+2. for each of ``grad_accum`` micro-batches at that K: the kind's loss (sum over bit groups of the cross-entropy: every
+   raster position for ar/mergear, the K merged tokens in a random order for randar, the masked positions for
+   maskgit), backward (gradients synchronised on the last one);
 3. clip, optimizer step, EMA update (when ``ema_decay`` is set); a step with a NaN/inf loss or gradient updates
    nothing (:class:`~mergevq.train.runtime.NonFiniteGuard`).
 
 Data: epoch e shuffles the rows with ``derive_seed(seed, e)`` and rank r takes every world-size-th row from r; the
-position (epoch, batch in epoch) is checkpointed, so a resumed run continues with exactly the next batch. Dropouts and
-class dropout draw from the global generators, reseeded from (seed, step, rank) at every step: with ``deterministic:
-true`` a resumed run reproduces an uninterrupted one bit for bit on the same hardware.
+position (epoch, batch in epoch) is checkpointed, so a resumed run continues with exactly the next batch. Dropouts,
+class dropout, RandAR's orders and MaskGIT's masks draw from the global generators, reseeded from (seed, step, rank)
+at every step: with ``deterministic: true`` a resumed run reproduces an uninterrupted one bit for bit on the same
+hardware. Validation draws its orders and masks from a forked generator seeded from (seed, K), the same at every
+validation, so val curves differ only by the weights and the training stream never sees it.
+
+Checkpoints hold ``ema.safetensors`` only when ``ema_decay`` is set; export then reads it, otherwise the trained
+weights.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from mergevq.train.generator_data import RowLoader, TokenSource, merge_level_sam
 from mergevq.train.generator_recipe import GeneratorTrainConfig
 from mergevq.train.logging import TrainLogger
 from mergevq.train.merge_sampling import MergeCountSampler
-from mergevq.train.rng import derive_seed, reseed_globals
+from mergevq.train.rng import derive_seed, forked_torch_rng, reseed_globals
 from mergevq.train.runtime import (
     BatchStream,
     MetricWindow,
@@ -158,12 +164,15 @@ def _check_resume(state: dict[str, Any], path: Path, *, current: GeneratorConfig
 # Export
 # ----------------------------------------------------------------------------------------------------------------------
 
+# A checkpoint without an EMA (ema_decay: null) holds the weights once; its model stands in where the EMA is read.
+_NO_EMA = {"ema": "model"}
+
 
 def export_latest(output_dir: str | Path, *, destination: str | Path | None = None) -> Path:
     """``save_pretrained`` of the generator in the newest intact checkpoint (default: ``output_dir/export``).
 
-    The checkpoint's ``ema`` weights: the EMA when the run has one, else the trained weights themselves. A damaged
-    newer checkpoint is reported in one line and the next older one exported, as a resume would.
+    The checkpoint's EMA weights when the run kept an EMA, else its trained weights. A damaged newer checkpoint is
+    reported in one line and the next older one exported, as a resume would.
     """
     output_dir = Path(output_dir)
 
@@ -172,11 +181,11 @@ def export_latest(output_dir: str | Path, *, destination: str | Path | None = No
 
     def fits(loaded: ckpt.LoadedCheckpoint) -> None:
         try:
-            ckpt.check_fits(build(loaded), loaded.weights["ema"], loaded.path / "ema.safetensors")
+            ckpt.check_fits(build(loaded), loaded.weights["ema"], loaded.file("ema"))
         except (KeyError, TypeError, ValueError) as e:
             raise ckpt.CheckpointDamaged(f"checkpoint {loaded.path}: {e}") from None
 
-    found = ckpt.read_newest(output_dir / "checkpoints", parts=("ema",), fits=fits)
+    found = ckpt.read_newest(output_dir / "checkpoints", parts=("ema",), substitutes=_NO_EMA, fits=fits)
     if found is None:
         raise FileNotFoundError(f"no checkpoint under {output_dir / 'checkpoints'} to export")
     model = build(found)
@@ -209,9 +218,9 @@ def _train(config: GeneratorTrainConfig, *, progress: bool) -> TrainResult:
     checkpointer = Checkpointer(
         output_dir / "checkpoints",
         info=info,
-        # Checkpoints always hold an "ema" file: without an EMA it is the model itself (decay 0), what export reads.
-        modules={"model": model, "ema": p.eval_model},
+        modules={"model": model, "ema": p.ema.module if p.ema is not None else None},  # no EMA: weights once
         states={"optimizer": p.optimizer, "scaler": p.scaler},
+        substitutes=_NO_EMA,  # a run that turns its EMA on (resume.allow_changes) starts it from the model
         keep_last=config.keep_last,
         guard=guard,
         recipe=config,
@@ -254,7 +263,8 @@ def _train(config: GeneratorTrainConfig, *, progress: bool) -> TrainResult:
         logger.info(
             f"training {mcfg.kind} generator {mcfg.name} for {config.max_steps} steps, {info.world_size} process(es) "
             f"on {device.type}, effective batch {window.samples_per_step}, {counts['total'] / 1e6:.2f}M parameters; "
-            f"{len(train_set)} token grids of L={mcfg.num_positions} from {config.data.train} ({classes}); {k_text}"
+            f"{len(train_set)} token grids of L={mcfg.num_positions} from {config.data.train} ({classes}, "
+            f"{train_set.nbytes / 2**20:.1f} MiB in memory); {k_text}"
         )
 
     last_postfix: dict[str, float] = {}
@@ -377,11 +387,18 @@ def _optimizer_step(
     window.add({"grad_norm": grad_norm.float()})
 
 
+_VAL_STREAM = 0x7A1  # keys validation's random stream apart from the training streams
+
+
 @torch.no_grad()
 def _validate(
     p: _Parts, config: GeneratorTrainConfig, *, step: int, logger: TrainLogger, device: torch.device
 ) -> dict[str, float]:
-    """Mean cross-entropy (sum over bit groups) and accuracy of the EMA (or raw) model on the fixed val subset."""
+    """Mean cross-entropy (sum over bit groups) and accuracy of the EMA (or raw) model on the fixed val subset.
+
+    RandAR's orders and MaskGIT's masks come from a forked torch generator seeded from (seed, K): reproducible, the
+    same at every validation, and invisible to the training stream.
+    """
     val = p.tokens.val
     assert val is not None
     model = p.eval_model
@@ -393,19 +410,23 @@ def _validate(
     try:
         for k in p.tokens.levels:
             loss = accuracy = 0.0
-            for chunk in rows.split(config.batch_size):
-                batch = val.batch(chunk, num_tokens=k).to(device, non_blocking=True)
-                with autocast(device, config.precision):
-                    out = model(
-                        indices=batch.indices, assignment=batch.assignment, labels=p.labels(batch.labels), num_tokens=k
-                    )
-                loss += float(out.loss) * len(chunk)
-                accuracy += float(out.losses["accuracy"]) * len(chunk)
+            with forked_torch_rng(derive_seed(config.seed, _VAL_STREAM, k), device=device):
+                for chunk in rows.split(config.batch_size):
+                    batch = val.batch(chunk, num_tokens=k).to(device, non_blocking=True)
+                    with autocast(device, config.precision):
+                        out = model(
+                            indices=batch.indices,
+                            assignment=batch.assignment,
+                            labels=p.labels(batch.labels),
+                            num_tokens=k,
+                        )
+                    loss += float(out.loss) * len(chunk)
+                    accuracy += float(out.losses["accuracy"]) * len(chunk)
             suffix = f"_k{k}" if p.sampler is not None else ""
             values[f"loss{suffix}"], values[f"accuracy{suffix}"] = loss / len(rows), accuracy / len(rows)
     finally:
         model.train(was_training)
-    if p.sampler is not None:  # MergeAR: also the mean over the merge levels
+    if p.sampler is not None:  # MergeAR, RandAR: also the mean over the merge levels
         values["loss"] = sum(values[f"loss_k{k}"] for k in p.tokens.levels) / len(p.tokens.levels)
         values["accuracy"] = sum(values[f"accuracy_k{k}"] for k in p.tokens.levels) / len(p.tokens.levels)
     logger.scalars(step=step, values=values, prefix="val")

@@ -2,9 +2,10 @@
 
 The training file (``data.train``, written by ``mergevq encode``) decides the task: codebook bits, grid, classes, the
 tokenizer identity (stored in the generator config, so ``mergevq sample`` can refuse another tokenizer) and, for
-MergeAR, the merge levels (every stored K below L unless ``data.num_tokens`` lists them). Vanilla AR trains on K = L,
-which the file must store. The whole file is held in host memory (:class:`~mergevq.data.tokens.TokenDataset`); the
-loop moves each batch to the device, so accelerator memory holds only the batch.
+MergeAR and RandAR, the merge levels (every stored K below L unless ``data.num_tokens`` lists them). Vanilla AR and
+MaskGIT train on K = L, which the file must store. The whole file is held in host memory in its compact dtypes
+(:class:`~mergevq.data.tokens.TokenDataset`); the loop moves each batch to the device, so accelerator memory holds only
+the batch.
 
 Labels: a file whose labels are all -1 (an encoded flat folder) trains a one-class generator (class 0, plus the null
 class of classifier-free guidance); a file mixing -1 with real labels is refused.
@@ -26,6 +27,7 @@ from torch.utils.data import Sampler
 from mergevq.data.images import EpochSampler, SkipBatchSampler
 from mergevq.data.tokens import TokenDataset, TokenFile, check_same_tokenizer, load_tokens, tokenizer_identity
 from mergevq.generator import GeneratorConfig
+from mergevq.generator.config import MERGE_LEVEL_KINDS
 from mergevq.train.config_io import ConfigError
 from mergevq.train.generator_recipe import GeneratorTrainConfig
 from mergevq.train.merge_sampling import MergeCountSampler
@@ -78,27 +80,31 @@ class TokenSource:
 
     train: TokenDataset
     val: TokenDataset | None
-    levels: tuple[int, ...]  # the K trained: MergeAR's merge levels, or (L,) for vanilla AR
+    levels: tuple[int, ...]  # the K trained: the merge levels (MergeAR, RandAR), or (L,) (vanilla AR, MaskGIT)
     unlabelled: bool  # every label is -1: one class (0)
     model_config: GeneratorConfig
 
 
+# What the errors call each kind.
+_KIND_NAMES = {"ar": "vanilla AR", "mergear": "MergeAR", "randar": "RandAR", "maskgit": "MaskGIT"}
+
+
 def _load(path: str, key: str) -> TokenFile:
     try:
-        return load_tokens(path)
+        return load_tokens(path, compact=True)  # int64 only per batch: a third of the memory
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
 
 
 def _levels(config: GeneratorTrainConfig, tokens: TokenFile) -> tuple[int, ...]:
     length, available, path = tokens.num_positions, list(tokens.num_tokens_available), config.data.train
-    wanted = config.data.num_tokens
-    if config.model.kind == "ar":
+    wanted, kind = config.data.num_tokens, _KIND_NAMES[config.model.kind]
+    if config.model.kind not in MERGE_LEVEL_KINDS:
         if wanted is not None and sorted(set(wanted)) != [length]:
-            raise ConfigError(f"data.num_tokens: vanilla AR trains on all L={length} positions; set null or [{length}]")
+            raise ConfigError(f"data.num_tokens: {kind} trains on all L={length} positions; set null or [{length}]")
         if length not in available:
             raise ConfigError(
-                f"data.train: vanilla AR needs K = L = {length} tokens per image, but token file {path} holds K "
+                f"data.train: {kind} needs K = L = {length} tokens per image, but token file {path} holds K "
                 f"{available}; encode with --num-tokens ... {length}"
             )
         return (length,)
@@ -106,7 +112,7 @@ def _levels(config: GeneratorTrainConfig, tokens: TokenFile) -> tuple[int, ...]:
         levels = tuple(k for k in available if k < length)
         if not levels:
             raise ConfigError(
-                f"data.train: MergeAR needs merged tokens (K < L = {length}), but token file {path} holds only K "
+                f"data.train: {kind} needs merged tokens (K < L = {length}), but token file {path} holds only K "
                 f"{available}; encode with several --num-tokens or list the levels in data.num_tokens"
             )
         return levels
@@ -172,7 +178,7 @@ def read_token_source(config: GeneratorTrainConfig) -> TokenSource:
         "num_classes": num_classes,
         "tokenizer": tokenizer_identity(tokens.meta),
     }
-    if config.model.kind == "mergear":
+    if config.model.kind in MERGE_LEVEL_KINDS:
         task["merge_levels"] = levels
     try:
         model_config = GeneratorConfig.from_preset(config.model.preset, **{**task, **overrides})
@@ -201,8 +207,9 @@ def read_token_source(config: GeneratorTrainConfig) -> TokenSource:
 
 
 def merge_level_sampler(config: GeneratorTrainConfig, tokens: TokenSource) -> MergeCountSampler | None:
-    """K per step for MergeAR over the merge levels (``merge.candidates: null`` = the levels); None for vanilla AR."""
-    if config.model.kind == "ar":
+    """K per step over the merge levels (``merge.candidates: null`` = the levels) for MergeAR and RandAR; None for
+    the kinds that train on K = L."""
+    if config.model.kind not in MERGE_LEVEL_KINDS:
         return None
     merge, levels = config.merge, tokens.levels
     if merge.candidates is None and merge.distribution in ("exponential", "gaussian", "uniform"):

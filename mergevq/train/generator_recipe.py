@@ -2,8 +2,8 @@
 
 The architecture lives in :mod:`mergevq.generator.config`; this recipe names a size preset (``model.preset``), the
 scheme (``model.kind``) and optional :class:`~mergevq.generator.config.GeneratorConfig` field overrides. What
-describes the *tokens* (``codebook_bits``, ``grid``, ``num_classes``, the tokenizer identity, and MergeAR's
-``merge_levels``) is read from the token file at the start of training, never from the recipe.
+describes the *tokens* (``codebook_bits``, ``grid``, ``num_classes``, the tokenizer identity, and the
+``merge_levels`` of MergeAR and RandAR) is read from the token file at the start of training, never from the recipe.
 
 Values are resolved in layers, later ones winning: the dataclass defaults below; the generator defaults
 (:data:`_DEFAULTS`: cosine schedule, uniform merge-level sampling); the YAML file; command-line overrides
@@ -45,7 +45,9 @@ FROM_TOKEN_FILE: dict[str, str] = {
 @dataclass
 class ModelSection:
     preset: str = "tiny"  # a size from mergevq.generator.config.PRESETS: tiny, small, B, L, XL
-    kind: Literal["ar", "mergear"] = "ar"  # vanilla raster AR (K = L) or MergeAR (K-sparse, merge instruction)
+    # ar: vanilla raster AR (K = L); mergear: K-sparse raster target behind a merge instruction; randar: random-order
+    # AR over the K merged tokens; maskgit: bidirectional masked prediction of the L grid tokens (K = L).
+    kind: Literal["ar", "mergear", "randar", "maskgit"] = "ar"
     overrides: dict[str, Any] = field(default_factory=dict)  # GeneratorConfig fields (window, dropouts, bits, ...)
 
 
@@ -53,8 +55,8 @@ class ModelSection:
 class DataSection:
     train: str = "runs/tokens/cifar10_train.safetensors"  # token file written by `mergevq encode`
     val: str | None = None  # token file of held-out images (same tokenizer); None: no validation
-    # MergeAR merge levels (K with a merge instruction, drawn per step); None: every K stored in the file below L.
-    # Vanilla AR always trains on K = L, which the file must store.
+    # MergeAR/RandAR merge levels (K with a merge instruction, drawn per step); None: every K stored in the file
+    # below L. Vanilla AR and MaskGIT always train on K = L, which the file must store.
     num_tokens: list[int] | None = None
     val_images: int = 256  # size of the fixed validation subset (rows evenly spread over the val file)
 
@@ -78,7 +80,7 @@ class OptimSection:
 class GeneratorTrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    merge: MergeSamplingConfig = field(default_factory=MergeSamplingConfig)  # K per step (MergeAR only)
+    merge: MergeSamplingConfig = field(default_factory=MergeSamplingConfig)  # K per step (MergeAR, RandAR)
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     resume: ResumeSection = field(default_factory=ResumeSection)  # allow_changes: resume with a changed recipe

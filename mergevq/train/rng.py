@@ -8,13 +8,15 @@ use it without import cycles.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["derive_seed", "reseed_globals", "rng_state", "set_rng_state"]
+__all__ = ["derive_seed", "forked_torch_rng", "reseed_globals", "rng_state", "set_rng_state"]
 
 _MASK_63 = (1 << 63) - 1
 
@@ -33,6 +35,19 @@ def reseed_globals(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
+
+
+@contextlib.contextmanager
+def forked_torch_rng(seed: int, *, device: torch.device) -> Iterator[None]:
+    """Run a block on torch's CPU generator (and ``device``'s, when CUDA) seeded with ``seed``; their states are put
+    back after it, so the block is reproducible and the surrounding random stream does not notice it ran."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:  # only this device: fork_rng restores only the devices it was given
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def rng_state() -> dict[str, Any]:
