@@ -107,11 +107,12 @@ def test_compact_cache_is_smaller_by_the_kept_ratio():
         distinct = int(counts.max())  # ≤ K − 1: two groups share a code
         assert distinct <= K - 1 and counts[0] != counts[1]
         cache = dec.cache
-        # Kept store: prefix (2) + first occurrences, never the duplicates; rounded up to the growth block (8).
+        # Kept store: prefix (2) + first occurrences, never the duplicates; 2 + K slots allocated up front, and
+        # these grids have fewer distinct codes than K, so it never grows.
         assert torch.equal(cache.num_kept, 2 + groups_from_values(grid).counts)
-        assert cache.capacity == -(-(2 + distinct) // 8) * 8
+        assert cache.capacity == 2 + K
         ratio = dec.peak_cache_bytes / vanilla.peak_cache_bytes
-        expected = (cache.capacity + window) / 64  # vanilla: find_multiple(1 + L − 1, 8) = 64 slots
+        expected = (cache.capacity + window + 1) / 64  # ring = window + 1; vanilla: find_multiple(1 + L − 1, 8) = 64
         assert ratio == pytest.approx(expected) and ratio < 0.5, ratio
         assert cache.kept_slots[:, :2].eq(torch.tensor([0, 1])).all()  # the position cache records true slots
 
@@ -181,3 +182,19 @@ def test_multi_token_steps_equal_full_forward(kind):
             h = model.trunk(x[:, a:b], positions_BS2=positions[:, a:b], mask=mask, cache=cache)
             cache.end()
             assert float((h - full[:, a:b]).abs().max()) <= 1e-5, (a, b)
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_compact_cache_grows_past_k_and_stays_exact(window):
+    """A sample with more distinct codes than its merge instruction asked for grows the kept store in blocks."""
+    codes, assignment = _merged_grid(2, seed=5)
+    grid = codes.gather(1, assignment)
+    grid[0, 40:] = torch.randperm(2**10, generator=torch.Generator().manual_seed(1))[: L - 40]  # mostly new codes
+    labels = torch.tensor([1, 4])
+    model = _model("mergear", window=window)
+    cached, dec = _step_logits(model, labels, grid, use_cache=True, num_tokens=K)
+    reference, _ = _step_logits(model, labels, grid, use_cache=False, num_tokens=K)
+    assert _max_diff(cached, reference) <= 1e-5
+    distinct = groups_from_values(grid[:, :-1]).counts  # the last token is predicted, never fed
+    assert int(distinct[0]) > K and torch.equal(dec.cache.num_kept, 2 + distinct)
+    assert dec.cache.capacity > 2 + K  # grew past the up-front allocation

@@ -88,7 +88,15 @@ class RasterAR:
         """Full-sequence mask over ``prefix + N`` image tokens; None = plain causal."""
         return None
 
-    def new_cache(self, model: Generator, *, batch_size: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+    def new_cache(
+        self,
+        model: Generator,
+        *,
+        batch_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        num_tokens: int | None = None,
+    ) -> KVCache:
         config = self.config
         return StaticKVCache(
             num_layers=config.depth,
@@ -186,7 +194,11 @@ class RasterDecoder:
         self.prefix_BPC = self.scheme.prefix(model, labels, self.num_tokens)
         self.positions_L2 = model.grid_positions
         batch, device, dtype = labels.shape[0], self.prefix_BPC.device, self.prefix_BPC.dtype
-        self.cache = self.scheme.new_cache(model, batch_size=batch, dtype=dtype, device=device) if use_cache else None
+        self.cache = (
+            self.scheme.new_cache(model, batch_size=batch, dtype=dtype, device=device, num_tokens=self.num_tokens)
+            if use_cache
+            else None
+        )
         self.values: list[Tensor] = []  # fed image tokens, [B] each
         self.forward_passes = 0
 

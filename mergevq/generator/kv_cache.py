@@ -17,17 +17,19 @@ value, and the last ``window`` positions. So the cache keeps
 - a **kept store** of prefix tokens and first occurrences, kept forever. It grows in blocks of ``block`` slots, and a
   duplicate never enters it. Samples fill it at their own pace (different numbers of distinct values); slots past a
   sample's count are masked out. The kept values and their sequence slots (the position cache) are recorded.
-- a **ring** of ``window`` slots holding the most recent duplicates: a duplicate's key takes part in the step that
-  feeds it, stays visible while it is within the window, and is overwritten (evicted) when the window moves past it.
+- a **ring** of ``window + 1`` slots holding the most recent duplicates: a duplicate's key takes part in the step
+  that feeds it, stays visible while it is within the window, and is overwritten (evicted) when the window moves past
+  it. The extra slot lets a one-token step write its key before attention without evicting a key still visible.
 
-A step attends over ``kept ∪ ring ∪ new``, never over the full history.
+Both live in one buffer per layer, ring first, so a one-token step attends over a prefix view of it (no copy); a step
+of several tokens attends over ``ring ∪ kept ∪ new`` concatenated. Never over the full history.
 
 Einstein legend:
     B   batch
     H   heads, D head dimension
     N   new tokens of this step
     T   cached key slots (static: filled prefix; compact: kept slots in use)
-    W   ring (window) slots
+    W   ring slots (window + 1)
 """
 
 from __future__ import annotations
@@ -87,7 +89,13 @@ class StaticKVCache:
 
 
 class CompactKVCache:
-    """MergeAR's cache: a growing store of prefix tokens and first occurrences plus a ring of recent duplicates."""
+    """MergeAR's cache: a growing store of prefix tokens and first occurrences plus a ring of recent duplicates.
+
+    Per layer one ``[B, H, R + capacity, D]`` buffer: the ring (``R = window + 1`` slots) first, the kept store after
+    it. The ring has one slot more than the window so that a one-token step can write its key before attention without
+    evicting a key that is still visible; such a step then attends over a prefix view of the buffer (no copy).
+    Steps of several tokens concatenate ``[ring, kept, new]`` instead.
+    """
 
     def __init__(
         self,
@@ -98,27 +106,31 @@ class CompactKVCache:
         head_dim: int,
         window: int,
         block: int = 16,
+        initial: int = 0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        if block < 1 or window < 0:
-            raise ValueError(f"block must be >= 1 and window >= 0, got block={block}, window={window}")
+        if block < 1 or window < 0 or initial < 0:
+            raise ValueError(f"need block >= 1, window >= 0, initial >= 0; got {block}, {window}, {initial}")
         self.num_layers, self.batch_size, self.num_heads, self.head_dim = num_layers, batch_size, num_heads, head_dim
         self.window, self.block, self.dtype, self.device = window, block, dtype, torch.device(device)
+        self.ring = window + 1
         self.capacity = 0
-        self.k_kept: list[Tensor] = [self._empty(0)] * num_layers
-        self.v_kept: list[Tensor] = [self._empty(0)] * num_layers
-        self.k_ring = [self._empty(window) for _ in range(num_layers)]
-        self.v_ring = [self._empty(window) for _ in range(num_layers)]
+        self.k = [self._empty(self.ring) for _ in range(num_layers)]
+        self.v = [self._empty(self.ring) for _ in range(num_layers)]
         self.num_kept = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # per sample
         self.kept_values = torch.empty(batch_size, 0, dtype=torch.long, device=self.device)  # −2: empty slot
         self.kept_slots = torch.empty(batch_size, 0, dtype=torch.long, device=self.device)  # position cache
-        self.ring_slots = torch.full((batch_size, window), -1, dtype=torch.long, device=self.device)
-        self.ring_valid = torch.zeros(batch_size, window, dtype=torch.bool, device=self.device)
+        self.ring_slots = torch.full((batch_size, self.ring), -1, dtype=torch.long, device=self.device)
+        self.ring_valid = torch.zeros(batch_size, self.ring, dtype=torch.bool, device=self.device)
         self.length = 0  # sequence slots fed so far
         self.peak_bytes = self.allocated_bytes
         self._step: dict[str, Tensor] = {}
         self._used = 0
+        self._view = 0  # one-token steps: attend over buffer slots [0, _view); 0: concatenate instead
+        if initial:  # kept slots allocated up front, exactly; growth past them goes in blocks
+            self._grow(initial, exact=True)
+            self.peak_bytes = self.allocated_bytes
 
     def _empty(self, slots: int) -> Tensor:
         shape = (self.batch_size, self.num_heads, slots, self.head_dim)
@@ -126,14 +138,13 @@ class CompactKVCache:
 
     @property
     def allocated_bytes(self) -> int:
-        tensors = self.k_kept + self.v_kept + self.k_ring + self.v_ring
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def _grow(self, needed: int) -> None:
-        capacity = find_multiple(needed, self.block)
+    def _grow(self, needed: int, *, exact: bool = False) -> None:
+        capacity = needed if exact else find_multiple(needed, self.block)
         extra = capacity - self.capacity
-        self.k_kept = [torch.cat([k, self._empty(extra)], dim=2) for k in self.k_kept]
-        self.v_kept = [torch.cat([v, self._empty(extra)], dim=2) for v in self.v_kept]
+        self.k = [torch.cat([k, self._empty(extra)], dim=2) for k in self.k]
+        self.v = [torch.cat([v, self._empty(extra)], dim=2) for v in self.v]
         pad = torch.full((self.batch_size, extra), -2, dtype=torch.long, device=self.device)
         self.kept_values = torch.cat([self.kept_values, pad], dim=1)
         self.kept_slots = torch.cat([self.kept_slots, pad], dim=1)
@@ -147,8 +158,9 @@ class CompactKVCache:
         prefix_BN = values_BN < 0
         # A value is new if no kept entry and no earlier token of this step holds it.
         seen_BN = (values_BN[:, :, None] == self.kept_values[:, None, :]).any(-1)
-        earlier_NN = torch.ones(n, n, dtype=torch.bool, device=device).tril(-1)
-        seen_BN |= ((values_BN[:, :, None] == values_BN[:, None, :]) & earlier_NN).any(-1)
+        if n > 1:
+            earlier_NN = torch.ones(n, n, dtype=torch.bool, device=device).tril(-1)
+            seen_BN |= ((values_BN[:, :, None] == values_BN[:, None, :]) & earlier_NN).any(-1)
         keep_BN = prefix_BN | ~seen_BN
         slots_N = torch.arange(self.length, self.length + n, device=device)
 
@@ -158,44 +170,61 @@ class CompactKVCache:
             self._grow(needed)
             self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
         offset_BN = self.num_kept[:, None] + keep_BN.long().cumsum(1) - 1  # kept slot of each new kept token
-        self._step = {"keep": keep_BN, "slots": slots_N, "offset": offset_BN, "values": values_BN}
+        b_M, n_M = keep_BN.nonzero(as_tuple=True)  # once per step, shared by every layer
+        offset_M = offset_BN[b_M, n_M]
+        # Ring: only the last `ring` tokens of a step stay there (slots are consecutive, so their indices differ).
+        last_N = torch.arange(max(0, n - self.ring), n, device=device)
+        ring_index = slots_N[last_N] % self.ring
+        ring_slots = self.ring_slots.clone()
+        ring_slots[:, ring_index] = slots_N[last_N]
+        ring_valid = self.ring_valid.clone()
+        ring_valid[:, ring_index] = ~keep_BN[:, last_N]  # kept tokens are visible from the store
+        kept_slots = self.kept_slots.clone()
+        kept_slots[b_M, offset_M] = slots_N[n_M]
+        self._step = {
+            "b": b_M, "n": n_M, "dest": self.ring + offset_M, "last": last_N, "ring_index": ring_index,
+            "offset": offset_M, "values": values_BN[b_M, n_M], "keep": keep_BN, "ring_slots": ring_slots,
+            "ring_valid": ring_valid, "kept_slots": kept_slots,
+        }  # fmt: skip
         self._used = used
 
-        kept_mask_BNT = (torch.arange(used, device=device) < self.num_kept[:, None])[:, None, :].expand(batch, n, used)
+        if n == 1:  # written in place before attention; attend over the ring and the kept slots in use
+            self._view = self.ring + needed
+            ring_mask_BW = ring_valid & (self.length - ring_slots <= self.window)
+            kept_mask_BT = kept_slots[:, :needed] >= 0
+            return torch.cat([ring_mask_BW, kept_mask_BT], dim=1)[:, None, None, :]  # [B, 1, 1, R+T]
+        self._view = 0
         ring_mask_BNW = self.ring_valid[:, None, :] & (
             slots_N[None, :, None] - self.ring_slots[:, None, :] <= self.window
         )
+        kept_mask_BNT = (torch.arange(used, device=device) < self.num_kept[:, None])[:, None, :].expand(batch, n, used)
         distance_NN = slots_N[:, None] - slots_N[None, :]
         causal_NN = distance_NN >= 0
         new_mask_BNN = causal_NN & (keep_BN[:, None, :] | (distance_NN <= self.window))
-        return torch.cat([kept_mask_BNT, ring_mask_BNW, new_mask_BNN], dim=2)[:, None]  # [B, 1, N, T+W+N]
+        return torch.cat([ring_mask_BNW, kept_mask_BNT, new_mask_BNN], dim=2)[:, None]  # [B, 1, N, R+T+N]
 
     def update(self, layer: int, k_BHND: Tensor, v_BHND: Tensor) -> tuple[Tensor, Tensor]:
-        used = self._used
-        k_all = torch.cat([self.k_kept[layer][:, :, :used], self.k_ring[layer], k_BHND], dim=2)
-        v_all = torch.cat([self.v_kept[layer][:, :, :used], self.v_ring[layer], v_BHND], dim=2)
-        keep_BN, offset_BN = self._step["keep"], self._step["offset"]
-        b_M, n_M = keep_BN.nonzero(as_tuple=True)
-        dest_M = offset_BN[b_M, n_M]
-        self.k_kept[layer][b_M, :, dest_M] = k_BHND[b_M, :, n_M]
-        self.v_kept[layer][b_M, :, dest_M] = v_BHND[b_M, :, n_M]
-        if self.window:
-            # Written in order, so a later token of the step overwrites the ring slot of one that left the window.
-            for i, slot in enumerate(self._step["slots"].tolist()):
-                self.k_ring[layer][:, :, slot % self.window] = k_BHND[:, :, i]
-                self.v_ring[layer][:, :, slot % self.window] = v_BHND[:, :, i]
+        k, v, step = self.k[layer], self.v[layer], self._step
+        if self._view:
+            index = int(self.length % self.ring)
+            k[:, :, index] = k_BHND[:, :, 0]
+            v[:, :, index] = v_BHND[:, :, 0]
+            k_all, v_all = k[:, :, : self._view], v[:, :, : self._view]
+        else:  # copy the visible keys out first: the writes below may overwrite ring slots this step still sees
+            k_all = torch.cat([k[:, :, : self.ring + self._used], k_BHND], dim=2)
+            v_all = torch.cat([v[:, :, : self.ring + self._used], v_BHND], dim=2)
+            k[:, :, step["ring_index"]] = k_BHND[:, :, step["last"]]
+            v[:, :, step["ring_index"]] = v_BHND[:, :, step["last"]]
+        if step["b"].numel():
+            k[step["b"], :, step["dest"]] = k_BHND[step["b"], :, step["n"]]
+            v[step["b"], :, step["dest"]] = v_BHND[step["b"], :, step["n"]]
         return k_all, v_all
 
     def end(self) -> None:
-        keep_BN, offset_BN, slots_N = self._step["keep"], self._step["offset"], self._step["slots"]
-        b_M, n_M = keep_BN.nonzero(as_tuple=True)
-        dest_M = offset_BN[b_M, n_M]
-        self.kept_values[b_M, dest_M] = self._step["values"][b_M, n_M]
-        self.kept_slots[b_M, dest_M] = slots_N[n_M]
-        self.num_kept += keep_BN.sum(1)
-        if self.window:
-            for i, slot in enumerate(slots_N.tolist()):
-                self.ring_slots[:, slot % self.window] = slot
-                self.ring_valid[:, slot % self.window] = ~keep_BN[:, i]  # kept tokens are visible from the store
-        self.length += int(slots_N.numel())
+        step = self._step
+        self.kept_values[step["b"], step["offset"]] = step["values"]
+        self.kept_slots = step["kept_slots"]
+        self.num_kept += step["keep"].sum(1)
+        self.ring_slots, self.ring_valid = step["ring_slots"], step["ring_valid"]
+        self.length += int(step["keep"].shape[1])
         self._step = {}

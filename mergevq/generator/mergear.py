@@ -127,7 +127,15 @@ class MergeAR(RasterAR):
     def attention_mask(self, values_BN: Tensor) -> Tensor | None:
         return mergear_mask(values_BN, num_prefix=self.num_prefix, window=self.config.window)
 
-    def new_cache(self, model: Generator, *, batch_size: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+    def new_cache(
+        self,
+        model: Generator,
+        *,
+        batch_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        num_tokens: int | None = None,
+    ) -> KVCache:
         config = self.config
         return CompactKVCache(
             num_layers=config.depth,
@@ -137,6 +145,9 @@ class MergeAR(RasterAR):
             window=config.window,
             # Growth overhead at most ~L/16 slots; small enough for 8×8 grids, few reallocations for 32×32.
             block=find_multiple(max(1, config.num_positions // 16), 8),
+            # A sample that follows its merge instruction keeps the prefix and K first occurrences: allocate exactly
+            # that up front; only samples with more distinct codes grow the store.
+            initial=self.num_prefix + num_tokens if num_tokens else 0,
             dtype=dtype,
             device=device,
         )
