@@ -17,7 +17,7 @@ import dataclasses
 import signal
 import sys
 import textwrap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,8 +32,11 @@ __all__ = [
     "COMMON_FLAGS",
     "TrainCommand",
     "add_train_command",
+    "command_runner",
     "keys_help",
     "load_or_report",
+    "overrides_help",
+    "resume_help",
     "run_export",
     "run_training",
     "split_overrides",
@@ -88,6 +91,52 @@ def keys_help(cls: type, *, source: str, notes: Mapping[str, str] | None = None)
             top.append(f.name)
     lines.append("  " + textwrap.fill(", ".join(top), width=110, subsequent_indent="  "))
     return "\n".join(lines) + "\n\n"
+
+
+def overrides_help(*, examples: Sequence[str]) -> str:
+    """The epilog's ``overrides:`` paragraph (``examples``: lines of sample overrides)."""
+    lines = ["overrides:", "  Any config key as section.key=value, parsed as YAML, e.g."]
+    lines += [f"    {line}" for line in examples]
+    lines.append("  An unknown key or a wrongly typed value stops with a one-line error (exit code 2).")
+    return "\n".join(lines) + "\n"
+
+
+def resume_help(*, name: str, free_keys: str) -> str:
+    """The epilog's closing paragraph: resuming, one run per directory, non-finite steps, torchrun and signals
+    (``free_keys``: the command's own keys that may change on resume, besides max_steps, logging, checkpointing and
+    threads)."""
+    return f"""\
+Running the same command again resumes from the newest intact checkpoint ("Resuming from step N (...)"); a
+damaged one is reported and the next older one used. Changing the recipe on resume (batch size, learning rate, seed,
+data, ...) is refused unless resume.allow_changes=true; max_steps, logging, checkpointing, {free_keys} and threads may
+change freely. One run per output_dir at a time (output_dir/.lock).
+A step with a NaN/inf loss or gradient is skipped with a warning; after nonfinite.max_skips of them the run stops
+(exit code 1), its checkpoints all finite.
+Multi-GPU / multi-node: torchrun --nproc_per_node=N -m mergevq {name} CONFIG [key=value ...]
+SIGTERM/SIGINT save a checkpoint after the current step, then exit with code 143/130 ("interrupted at step N").
+"""
+
+
+def command_runner(
+    *,
+    load: Callable[..., Any],
+    train: Callable[..., Any],
+    export_latest: Callable[[str], Path],
+    what: str,
+    unit: str,
+) -> Callable[[argparse.Namespace], int]:
+    """``TrainCommand.run`` of a training command: load the recipe, then train it, or with ``--export-only`` export
+    the newest checkpoint (``what``: the exported model in the message; ``unit``: what the throughput counts)."""
+
+    def run(args: argparse.Namespace) -> int:
+        config = load_or_report(load, args)
+        if isinstance(config, int):
+            return config
+        if args.export_only:
+            return run_export(lambda: export_latest(config.output_dir), what=what)
+        return run_training(lambda: train(config, progress=not args.no_progress), unit=unit)
+
+    return run
 
 
 def _add_arguments(parser: argparse.ArgumentParser, command: TrainCommand) -> None:

@@ -22,11 +22,12 @@ tiny     6      192    6      CPU size, ~5M at d=18 (2.7M in the trunk)
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mergevq.persistence import check_config_keys, load_config_json, save_config_json
 
 __all__ = [
     "KINDS",
@@ -204,28 +205,18 @@ class GeneratorConfig:
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> GeneratorConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a JSON object of generator settings, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown generator config key(s) {unknown}")
+        check_config_keys(cls=cls, data=data, source=source, what="generator config")
         try:
             return cls(**data)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        save_config_json(path=path, data=self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> GeneratorConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no generator config at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(load_config_json(path=path, what="generator"), source=str(Path(path)))
 
     def replace(self, **overrides: Any) -> GeneratorConfig:
         known = {f.name for f in dataclasses.fields(self)}

@@ -18,16 +18,13 @@ Shapes: B batch, L = h·w raster positions, K merged tokens, C width, G bit grou
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mergevq.files import give_default_mode
 from mergevq.generator.ar import RasterAR, RasterDecoder, raster_positions
 from mergevq.generator.config import MERGE_LEVEL_KINDS, GeneratorConfig
 from mergevq.generator.gpt import Transformer, init_weights
@@ -37,11 +34,16 @@ from mergevq.generator.mergear import MergeAR
 from mergevq.generator.outputs import GenerationOutput, GenerationStats, GeneratorOutput
 from mergevq.generator.randar import RandAR
 from mergevq.generator.sampling import Sampler
+from mergevq.persistence import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    read_weights,
+    safetensors_metadata,
+    save_weights,
+    weights_mismatch,
+)
 
 __all__ = ["GenerationOutput", "GenerationStats", "Generator", "GeneratorOutput", "Scheme"]
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class Scheme(Protocol):
@@ -112,11 +114,8 @@ class Generator(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_NAME)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt", "kind": self.config.kind, "preset": self.config.name})
-        give_default_mode(tmp)  # safetensors creates files 0600; weights are meant to be shared
-        tmp.replace(directory / WEIGHTS_NAME)
+        metadata = {"format": "pt", "kind": self.config.kind, "preset": self.config.name}
+        save_weights(module=self, path=directory / WEIGHTS_NAME, metadata=metadata)
         return directory
 
     @classmethod
@@ -132,29 +131,10 @@ class Generator(nn.Module):
     def load_weights(self, path: str | Path) -> None:
         """Load safetensors weights; a bad or mismatched file raises an error naming it."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no weights file at {path}")
-        try:
-            state = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-        if missing or unexpected or wrong:
-            details = []
-            if wrong:
-                k = wrong[0]
-                details.append(
-                    f"{len(wrong)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs model "
-                    f"{tuple(own[k].shape)}"
-                )
-            if missing:
-                details.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-            if unexpected:
-                details.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
-            meta = _metadata(path)
+        state = read_weights(path=path)
+        details = weights_mismatch(own=self.state_dict(), state=state)
+        if details:
+            meta = safetensors_metadata(path)
             saved = f" (the file was saved from a {meta.get('kind')!r} generator)" if meta.get("kind") else ""
             raise ValueError(f"{path} does not fit generator {self.config.name!r}{saved}: " + "; ".join(details))
         self.load_state_dict(state)
@@ -301,12 +281,3 @@ class Generator(nn.Module):
             )
         finally:
             self.train(was_training)
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    try:
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            return json.loads(f.read(header_len)).get("__metadata__", {})
-    except (OSError, ValueError):
-        return {}

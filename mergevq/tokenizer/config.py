@@ -19,12 +19,13 @@ tiny-64       G+R        CNN 32·[1,2,2,6], f=8         192 / 4 (6 blocks)     6
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mergevq.persistence import check_config_keys, load_config_json, save_config_json
 
 VARIANTS = ("g", "gr", "r")
 ALIGN_HEADS = ("mlp_ln", "mlp3", "none")
@@ -152,28 +153,18 @@ class TokenizerConfig:
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TokenizerConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{source}: a tokenizer config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown tokenizer config key(s) {unknown}")
+        check_config_keys(cls=cls, data=data, source=source, what="tokenizer config")
         try:
             return cls(**data)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        save_config_json(path=path, data=self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> TokenizerConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no tokenizer config at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(load_config_json(path=path, what="tokenizer"), source=str(Path(path)))
 
     def replace(self, **overrides: Any) -> TokenizerConfig:
         known = {f.name for f in dataclasses.fields(self)}

@@ -12,26 +12,29 @@ Shapes: B batch, H×W image, h×w token grid, L = h·w positions, K merged token
 
 from __future__ import annotations
 
-import json
 import operator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mergevq.files import give_default_mode
 from mergevq.nn.blocks import tokens_to_map
 from mergevq.nn.lfq import LFQ
 from mergevq.nn.tome import group_sizes, source_matrix
+from mergevq.persistence import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    read_weights,
+    safetensors_metadata,
+    save_weights,
+    weights_mismatch,
+)
 from mergevq.tokenizer.config import TokenizerConfig, get_preset
 from mergevq.tokenizer.decoder import Decoder
 from mergevq.tokenizer.encoder import Encoder, build_align_head
 from mergevq.tokenizer.recovery import SourceRecovery, recover
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 _RANGE_SLACK = 1e-3  # float resampling may overshoot [-1, 1] by rounding; 0-255 pixels are far outside
 
 
@@ -92,11 +95,7 @@ class MergeVQ(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_NAME)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt", "preset": self.config.name})
-        give_default_mode(tmp)  # safetensors creates files 0600; weights are meant to be shared
-        tmp.replace(directory / WEIGHTS_NAME)
+        save_weights(module=self, path=directory / WEIGHTS_NAME, metadata={"format": "pt", "preset": self.config.name})
         return directory
 
     @classmethod
@@ -113,29 +112,10 @@ class MergeVQ(nn.Module):
     def load_weights(self, path: str | Path, *, strict: bool = True) -> None:
         """Load safetensors weights, with an error that names the file and the mismatch (or the NaN/inf values)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no weights file at {path}")
-        try:
-            state = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-        if strict and (missing or unexpected or wrong):
-            details = []
-            if wrong:
-                k = wrong[0]
-                details.append(
-                    f"{len(wrong)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs model "
-                    f"{tuple(own[k].shape)}"
-                )
-            if missing:
-                details.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-            if unexpected:
-                details.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
-            saved = _safetensors_preset(path)
+        state = read_weights(path=path)
+        details = weights_mismatch(own=self.state_dict(), state=state) if strict else []
+        if details:
+            saved = safetensors_metadata(path).get("preset")
             raise ValueError(
                 f"{path} does not fit preset {self.config.name!r}"
                 + (f" (the file was saved from preset {saved!r})" if saved else "")
@@ -288,13 +268,3 @@ class MergeVQ(nn.Module):
             "decoder": count(self.decoder),
             "total": count(self),
         }
-
-
-def _safetensors_preset(path: Path) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-        return header.get("__metadata__", {}).get("preset")
-    except (OSError, ValueError):
-        return None

@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mergevq.files import give_default_mode
+from mergevq.persistence import weights_mismatch
 
 __all__ = [
     "CHECKPOINT_FILES",
@@ -357,18 +358,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
 
 def check_fits(module: nn.Module, tensors: Mapping[str, torch.Tensor], file: str | Path) -> None:
     """Raise ``ValueError`` naming ``file`` unless ``tensors`` has exactly the keys and shapes of ``module``."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
-    parts = []
-    if wrong:
-        k = wrong[0]
-        parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}")
-    if missing:
-        parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+    parts = weights_mismatch(own=module.state_dict(), state=tensors, name_sides=False)
     if parts:
         raise ValueError(f"{file} does not fit the {type(module).__name__} of this run: {'; '.join(parts)}")
 

@@ -40,13 +40,22 @@ from torch import Tensor, nn
 from mergevq.data.tokens import check_same_tokenizer
 from mergevq.generator import Generator, GeneratorConfig
 from mergevq.train import checkpoint as ckpt
-from mergevq.train import distributed as du
-from mergevq.train.checkpointer import Checkpointer
-from mergevq.train.config_io import ConfigError, config_diff, save_config
+from mergevq.train.config_io import ConfigError, config_diff
 from mergevq.train.ema import EMA
 from mergevq.train.generator_data import RowLoader, TokenSource, merge_level_sampler, read_token_source
 from mergevq.train.generator_recipe import GeneratorTrainConfig
 from mergevq.train.logging import TrainLogger
+from mergevq.train.loop import (
+    begin_step,
+    checkpoint_if_due,
+    end_step,
+    export_at_end,
+    export_newest,
+    make_checkpointer,
+    open_logging,
+    resume_position,
+    start_run,
+)
 from mergevq.train.merge_sampling import MergeCountSampler
 from mergevq.train.rng import derive_seed, forked_torch_rng, reseed_globals
 from mergevq.train.runtime import (
@@ -54,17 +63,13 @@ from mergevq.train.runtime import (
     MetricWindow,
     NonFiniteGuard,
     StopFlag,
-    any_rank,
     autocast,
     build_optimizer,
-    configure_determinism,
     make_scaler,
     maybe_no_sync,
-    prepare_output_dir,
     preserve_torch_settings,
     wrap_ddp,
 )
-from mergevq.train.schedule import apply_lr, lr_factor
 
 __all__ = ["TrainResult", "export_latest", "train"]
 
@@ -174,23 +179,11 @@ def export_latest(output_dir: str | Path, *, destination: str | Path | None = No
     The checkpoint's EMA weights when the run kept an EMA, else its trained weights. A damaged newer checkpoint is
     reported in one line and the next older one exported, as a resume would.
     """
-    output_dir = Path(output_dir)
 
     def build(loaded: ckpt.LoadedCheckpoint) -> Generator:
         return Generator(GeneratorConfig.from_dict(json.loads(loaded.state["model_config"]), source=str(loaded.path)))
 
-    def fits(loaded: ckpt.LoadedCheckpoint) -> None:
-        try:
-            ckpt.check_fits(build(loaded), loaded.weights["ema"], loaded.file("ema"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ckpt.CheckpointDamaged(f"checkpoint {loaded.path}: {e}") from None
-
-    found = ckpt.read_newest(output_dir / "checkpoints", parts=("ema",), substitutes=_NO_EMA, fits=fits)
-    if found is None:
-        raise FileNotFoundError(f"no checkpoint under {output_dir / 'checkpoints'} to export")
-    model = build(found)
-    model.load_state_dict(found.weights["ema"])
-    return model.save_pretrained(Path(destination) if destination is not None else output_dir / "export")
+    return export_newest(output_dir=Path(output_dir), destination=destination, build=build, substitutes=_NO_EMA)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -208,32 +201,26 @@ def train(config: GeneratorTrainConfig, *, progress: bool = True) -> TrainResult
 
 
 def _train(config: GeneratorTrainConfig, *, progress: bool) -> TrainResult:
-    info = du.init_distributed(device=config.device)
+    info, output_dir = start_run(config=config)
     device = info.device
-    configure_determinism(device=device, deterministic=config.deterministic, threads=config.threads)
-    output_dir = prepare_output_dir(config.output_dir, info=info)
     p = _build(config, device=device)
     model, mcfg = p.model, p.model.config
     guard = NonFiniteGuard(max_skips=config.nonfinite.max_skips)
-    checkpointer = Checkpointer(
-        output_dir / "checkpoints",
+    checkpointer = make_checkpointer(
+        config=config,
+        output_dir=output_dir,
         info=info,
         modules={"model": model, "ema": p.ema.module if p.ema is not None else None},  # no EMA: weights once
         states={"optimizer": p.optimizer, "scaler": p.scaler},
-        substitutes=_NO_EMA,  # a run that turns its EMA on (resume.allow_changes) starts it from the model
-        keep_last=config.keep_last,
         guard=guard,
-        recipe=config,
-        allow_recipe_changes=config.resume.allow_changes,
+        substitutes=_NO_EMA,  # a run that turns its EMA on (resume.allow_changes) starts it from the model
     )
     resumed = checkpointer.resume(
         check=lambda state, path: _check_resume(state, path, current=mcfg, train_file=config.data.train)
     )
-    start_step = resumed.step if resumed is not None else 0
-    if info.is_main:
-        save_config(config, output_dir / "config.yaml")
-
-    epoch, batch_in_epoch = (resumed.epoch, resumed.batch_in_epoch) if resumed is not None else (0, 0)
+    start_step, epoch, batch_in_epoch = resume_position(
+        config=config, resumed=resumed, output_dir=output_dir, info=info
+    )
     train_set = p.tokens.train
     loader = RowLoader(
         len(train_set), batch_size=config.batch_size, seed=config.seed, rank=info.rank, world_size=info.world_size
@@ -247,15 +234,9 @@ def _train(config: GeneratorTrainConfig, *, progress: bool) -> TrainResult:
         ) from None
     p.run = wrap_ddp(model, info=info, find_unused_parameters=config.find_unused_parameters)
 
-    logger = TrainLogger(
-        output_dir=output_dir,
-        enabled=info.is_main,
-        max_steps=config.max_steps,
-        start_step=start_step,
-        progress=progress,
+    logger, window = open_logging(
+        config=config, output_dir=output_dir, info=info, start_step=start_step, progress=progress, guard=guard
     )
-    window = MetricWindow(device=device, samples_per_step=config.batch_size * config.grad_accum * info.world_size)
-    guard.report = logger.info  # skipped steps also go to train.log
     if info.is_main and start_step == 0:
         counts = model.parameter_counts()
         classes = "unlabelled: one class" if p.tokens.unlabelled else f"{mcfg.num_classes} classes"
@@ -275,9 +256,7 @@ def _train(config: GeneratorTrainConfig, *, progress: bool) -> TrainResult:
             while step < config.max_steps:
                 window.start_step()
                 num_tokens = p.num_tokens(step)
-                reseed_globals(derive_seed(config.seed, step, info.rank))
-                factor = lr_factor(step, config=config.schedule, max_steps=config.max_steps)
-                lr = apply_lr(p.optimizer, base_lr=config.optim.lr, factor=factor)
+                lr = begin_step(config=config, step=step, rank=info.rank, optimizers=[(p.optimizer, config.optim.lr)])
                 _optimizer_step(
                     p,
                     config,
@@ -289,43 +268,41 @@ def _train(config: GeneratorTrainConfig, *, progress: bool) -> TrainResult:
                     guard=guard,
                 )
                 step += 1
-                window.add({"num_tokens": float(num_tokens)})
-                log_now = step % config.log_every == 0 or step == config.max_steps
-                window.end_step(sync=log_now)
-
-                if log_now:
-                    means = window.reduce()
-                    values = {**means.values, "lr": lr, "images_per_s": means.samples_per_s}
-                    logger.scalars(step=step, values=values)
-                    last_postfix = {"loss": values["loss"], "img/s": means.samples_per_s, "K": num_tokens}
-                logger.advance(step=step, postfix=last_postfix)
+                last_postfix = end_step(
+                    config=config,
+                    step=step,
+                    num_tokens=num_tokens,
+                    lr=lr,
+                    window=window,
+                    logger=logger,
+                    postfix=last_postfix,
+                    loss_key="loss",
+                )
                 if (
                     p.tokens.val is not None
                     and info.is_main
                     and (step % config.val_every == 0 or step == config.max_steps)
                 ):
                     _validate(p, config, step=step, logger=logger, device=device)
-                stop_now = any_rank(stop.requested, device=device)
-                if step % config.checkpoint_every == 0 or step == config.max_steps or stop_now:
-                    checkpointer.save(
-                        step=step,
-                        stream=stream,
-                        extra={"model_config": json.dumps(mcfg.to_dict(), default=list)},
-                        meta={"preset": mcfg.name, "kind": mcfg.kind},
-                    )
-                if stop_now:
-                    logger.info(f"stopping at step {step} on request; run the same command again to resume")
+                if checkpoint_if_due(
+                    config=config,
+                    step=step,
+                    stop=stop,
+                    device=device,
+                    checkpointer=checkpointer,
+                    stream=stream,
+                    logger=logger,
+                    model_config=mcfg.to_dict(),
+                    meta={"preset": mcfg.name, "kind": mcfg.kind},
+                ):
                     break
     finally:
         logger.close()
 
-    export_dir = None
-    if config.export and step >= config.max_steps and info.is_main:
-        export_dir = p.eval_model.save_pretrained(output_dir / "export")
-        what = "EMA generator" if p.ema is not None else "generator"
-        print(f"exported the {what} to {export_dir}", flush=True)
-    du.barrier()
-    du.cleanup()
+    what = "EMA generator" if p.ema is not None else "generator"
+    export_dir = export_at_end(
+        config=config, step=step, info=info, output_dir=output_dir, model=p.eval_model, what=what
+    )
     return TrainResult(
         output_dir=output_dir,
         step=step,

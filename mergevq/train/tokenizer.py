@@ -32,25 +32,30 @@ from mergevq.tokenizer.config import TokenizerConfig
 from mergevq.tokenizer.model import MergeVQ
 from mergevq.train import checkpoint as ckpt
 from mergevq.train import distributed as du
-from mergevq.train.checkpointer import Checkpointer
-from mergevq.train.config_io import save_config
 from mergevq.train.logging import TrainLogger
+from mergevq.train.loop import (
+    begin_step,
+    checkpoint_if_due,
+    end_step,
+    export_at_end,
+    export_newest,
+    make_checkpointer,
+    open_logging,
+    resume_position,
+    start_run,
+)
 from mergevq.train.recipe import TrainConfig
-from mergevq.train.rng import derive_seed, reseed_globals
+from mergevq.train.rng import derive_seed
 from mergevq.train.runtime import (
     BatchStream,
     MetricWindow,
     NonFiniteGuard,
     StopFlag,
-    any_rank,
     autocast,
-    configure_determinism,
     maybe_no_sync,
-    prepare_output_dir,
     preserve_torch_settings,
     wrap_ddp,
 )
-from mergevq.train.schedule import apply_lr, lr_factor
 from mergevq.train.tokenizer_parts import Parts, TokenizerStep, build_parts, check_same_model, validation_batch
 
 __all__ = ["TrainResult", "export_latest", "train"]
@@ -81,21 +86,11 @@ def export_latest(output_dir: str | Path, *, destination: str | Path | None = No
 
     A damaged newer checkpoint is reported in one line and the next older one exported, as a resume would.
     """
-    output_dir = Path(output_dir)
 
-    def fits(loaded: ckpt.LoadedCheckpoint) -> None:
-        try:
-            config = TokenizerConfig.from_dict(json.loads(loaded.state["model_config"]), source=str(loaded.path))
-            ckpt.check_fits(MergeVQ(config), loaded.weights["ema"], loaded.path / "ema.safetensors")
-        except (KeyError, TypeError, ValueError) as e:
-            raise ckpt.CheckpointDamaged(f"checkpoint {loaded.path}: {e}") from None
+    def build(loaded: ckpt.LoadedCheckpoint) -> MergeVQ:
+        return MergeVQ(TokenizerConfig.from_dict(json.loads(loaded.state["model_config"]), source=str(loaded.path)))
 
-    found = ckpt.read_newest(output_dir / "checkpoints", parts=("ema",), fits=fits)
-    if found is None:
-        raise FileNotFoundError(f"no checkpoint under {output_dir / 'checkpoints'} to export")
-    model = MergeVQ(TokenizerConfig.from_dict(json.loads(found.state["model_config"]), source=str(found.path)))
-    model.load_state_dict(found.weights["ema"])
-    return model.save_pretrained(Path(destination) if destination is not None else output_dir / "export")
+    return export_newest(output_dir=Path(output_dir), destination=destination, build=build)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -113,16 +108,15 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
 
 
 def _train(config: TrainConfig, *, progress: bool) -> TrainResult:
-    info = du.init_distributed(device=config.device)
+    info, output_dir = start_run(config=config)
     device = info.device
-    configure_determinism(device=device, deterministic=config.deterministic, threads=config.threads)
-    output_dir = prepare_output_dir(config.output_dir, info=info)
     p = build_parts(config, device=device)
     model, mcfg = p.model, p.model.config
     keep_alignment = p.alignment is not None and config.alignment.kind in ("ema", "labels")  # has state of its own
     guard = NonFiniteGuard(max_skips=config.nonfinite.max_skips)
-    checkpointer = Checkpointer(
-        output_dir / "checkpoints",
+    checkpointer = make_checkpointer(
+        config=config,
+        output_dir=output_dir,
         info=info,
         modules={
             "model": model,
@@ -131,19 +125,14 @@ def _train(config: TrainConfig, *, progress: bool) -> TrainResult:
             "alignment": p.alignment if keep_alignment else None,
         },
         states={"optimizer_g": p.opt_g, "optimizer_d": p.opt_d, "scaler_g": p.scaler_g, "scaler_d": p.scaler_d},
-        keep_last=config.keep_last,
         guard=guard,
-        recipe=config,
-        allow_recipe_changes=config.resume.allow_changes,
     )
     resumed = checkpointer.resume(check=lambda state, path: check_same_model(state, path, current=mcfg))
     if resumed is not None:
         p.loss_fn.lecam.load_state_dict(resumed.rank_state["lecam"])  # anchors fed by this rank's batches
-    start_step = resumed.step if resumed is not None else 0
-    if info.is_main:
-        save_config(config, output_dir / "config.yaml")
-
-    epoch, batch_in_epoch = (resumed.epoch, resumed.batch_in_epoch) if resumed is not None else (0, 0)
+    start_step, epoch, batch_in_epoch = resume_position(
+        config=config, resumed=resumed, output_dir=output_dir, info=info
+    )
     loader = make_loader(
         p.train_set,
         batch_size=config.batch_size,
@@ -160,15 +149,9 @@ def _train(config: TrainConfig, *, progress: bool) -> TrainResult:
     p.run_g = wrap_ddp(TokenizerStep(model, extra), info=info, find_unused_parameters=config.find_unused_parameters)
     p.run_d = wrap_ddp(p.discriminator, info=info)
 
-    logger = TrainLogger(
-        output_dir=output_dir,
-        enabled=info.is_main,
-        max_steps=config.max_steps,
-        start_step=start_step,
-        progress=progress,
+    logger, window = open_logging(
+        config=config, output_dir=output_dir, info=info, start_step=start_step, progress=progress, guard=guard
     )
-    window = MetricWindow(device=device, samples_per_step=config.batch_size * config.grad_accum * info.world_size)
-    guard.report = logger.info  # skipped steps also go to train.log
     if info.is_main and start_step == 0:
         counts = model.parameter_counts()
         logger.info(
@@ -185,51 +168,49 @@ def _train(config: TrainConfig, *, progress: bool) -> TrainResult:
             while step < config.max_steps:
                 window.start_step()
                 num_tokens = p.sampler.sample(step=step)
-                reseed_globals(derive_seed(config.seed, step, info.rank))
-                factor = lr_factor(step, config=config.schedule, max_steps=config.max_steps)
-                lr = apply_lr(p.opt_g, base_lr=config.optim.lr, factor=factor)
-                apply_lr(p.opt_d, base_lr=p.disc_lr, factor=factor)
+                lr = begin_step(
+                    config=config,
+                    step=step,
+                    rank=info.rank,
+                    optimizers=[(p.opt_g, config.optim.lr), (p.opt_d, p.disc_lr)],
+                )
                 _optimizer_step(
                     p, config, step=step, num_tokens=num_tokens, stream=stream, window=window, info=info, guard=guard
                 )
                 step += 1
-                window.add({"num_tokens": float(num_tokens)})
-                log_now = step % config.log_every == 0 or step == config.max_steps
-                window.end_step(sync=log_now)  # timings are read per logging window, not per step
-
-                if log_now:
-                    means = window.reduce()
-                    values = {**means.values, "lr": lr, "images_per_s": means.samples_per_s}
-                    logger.scalars(step=step, values=values)
-                    last_postfix = {
-                        "loss": values.get("total", float("nan")),
-                        "img/s": means.samples_per_s,
-                        "K": num_tokens,
-                    }
-                logger.advance(step=step, postfix=last_postfix)
+                last_postfix = end_step(
+                    config=config,
+                    step=step,
+                    num_tokens=num_tokens,
+                    lr=lr,
+                    window=window,
+                    logger=logger,
+                    postfix=last_postfix,
+                    loss_key="total",
+                )
                 if val_batch is not None and (step % config.val_every == 0 or step == config.max_steps):
                     _validate(p.ema.module, val_batch, step=step, logger=logger, precision=config.precision)
-                stop_now = any_rank(stop.requested, device=device)
-                if step % config.checkpoint_every == 0 or step == config.max_steps or stop_now:
-                    checkpointer.save(
-                        step=step,
-                        stream=stream,
-                        rank_extra={"lecam": {k: v.detach().cpu() for k, v in p.loss_fn.lecam.state_dict().items()}},
-                        extra={"model_config": json.dumps(mcfg.to_dict(), default=list)},
-                        meta={"preset": mcfg.name},
-                    )
-                if stop_now:
-                    logger.info(f"stopping at step {step} on request; run the same command again to resume")
+                if checkpoint_if_due(
+                    config=config,
+                    step=step,
+                    stop=stop,
+                    device=device,
+                    checkpointer=checkpointer,
+                    stream=stream,
+                    logger=logger,
+                    model_config=mcfg.to_dict(),
+                    meta={"preset": mcfg.name},
+                    rank_extra=lambda: {
+                        "lecam": {k: v.detach().cpu() for k, v in p.loss_fn.lecam.state_dict().items()}
+                    },
+                ):
                     break
     finally:
         logger.close()
 
-    export_dir = None
-    if config.export and step >= config.max_steps and info.is_main:
-        export_dir = p.ema.module.save_pretrained(output_dir / "export")
-        print(f"exported the EMA tokenizer to {export_dir}", flush=True)
-    du.barrier()
-    du.cleanup()
+    export_dir = export_at_end(
+        config=config, step=step, info=info, output_dir=output_dir, model=p.ema.module, what="EMA tokenizer"
+    )
     return TrainResult(
         output_dir=output_dir,
         step=step,
