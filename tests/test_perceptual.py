@@ -18,7 +18,9 @@ except FileNotFoundError:
     _ST_WEIGHTS = None
 
 needs_st = pytest.mark.skipif(_ST_WEIGHTS is None, reason="stlpips-pytorch wheel not installed (weights only)")
-CIFAR_ROOT = Path(os.environ.get("MERGEVQ_CIFAR10", "/work/shared/data/cifar10"))
+CIFAR_ROOT = Path(
+    os.environ.get("MERGEVQ_CIFAR10", Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10")
+)
 
 
 @pytest.fixture(scope="module")
