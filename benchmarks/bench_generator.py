@@ -607,27 +607,8 @@ THREADS_NOTE = {
     "3-10x slower and erratic)",
     2: "both cores",
 }
-FINDINGS = """
-- Where the time goes (`--profile`: torch.profiler over 8 steps from position 512, L = 1024, batch 16; table in
-  `generator_decode_profile.txt`). AR: 174 ms/step = matmuls 86 ms (61 per step, ~3.1 GFLOP, compute-bound on one
-  core) + attention 57 ms + `exponential_` inside `multinomial` over 16 × 16,384 probabilities 7.5 ms + ~24 ms of
-  small ops. Reference: 194 ms/step, 84 ms of it attention over all 1,032 slots. MergeAR 1/4 (w = row): 155 ms/step;
-  attention falls to 22 ms but `torch.cat` takes 27.5 ms: `CompactKVCache.update` concatenates kept store, ring and
-  new token, for K and for V, in every layer at every step, i.e. copies everything it then attends to. The copy eats
-  what the shorter attention saves, hence ≈ 1.0× AR at L = 1024 batch 16 (target 1.5×: missed).
-- Even attention at zero cost would not reach 1.5× at L = 1024 batch 16 on this CPU: the ≈ 117 ms/step outside
-  attention caps the gain over AR at ≈ 174/117 = 1.49×, because the batch-16 matmuls are compute-bound here, not
-  bound by weight reads. A cache that attends
-  over a view of one buffer per layer (ring first, kept store after) instead of a concatenation removes the copy.
-- Batch 1: weight reads dominate (445 MB per step at B size); MergeAR 1/4 is 0.96-0.97× AR, the compact cache's
-  per-step bookkeeping (per-layer `nonzero` and index writes, a Python loop over ring slots) costing more than the
-  attention it saves. L = 64 (`tiny`) is bound by per-op overhead (≈ 2,100 aten ops per AR step, ≈ 2,800 per MergeAR
-  step): MergeAR 0.87-0.99× AR.
-- KV target at L = 64: missed because of the 2 prefix slots and the rounding of the kept store to 8-slot growth
-  blocks (18 kept → 24 slots): 0.50 vs 0.469 (w = 8) and 0.375 vs 0.3125 (w = 0). At L = 256 and 1024 it holds.
-- AR vs reference: 1.04-1.25× at L ≥ 256 (AR attends over the filled slots, the reference over all of them);
-  0.98-1.02× at L = 64, where attention is a small share of the step (the L = 64, batch 16 miss is 2%).
-"""
+# Interpretation (where the time goes, why a target is missed) belongs to one measured run, so it lives in that run's
+# JSON ("findings" in extra, e.g. written from a `--profile` session) and is never attached to a new run.
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -651,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:  # the JSON keeps its measurements, date and machine; only the page is redrawn
         payload = json.loads(json_path.read_text())
         threads = payload["rows"][0]["threads"]
-        payload["extra"].update(findings=FINDINGS, targets=targets(payload["rows"]), threads_note=THREADS_NOTE[threads])
+        payload["extra"].update(targets=targets(payload["rows"]), threads_note=THREADS_NOTE[threads])
         json_path.write_text(json.dumps(payload, indent=2))
         notes = render_notes(payload["rows"], payload["extra"])
         md = f"## {payload['title']}\n\n{markdown_table(payload['rows'], TABLE_COLUMNS)}\n\n{notes.strip()}\n"
@@ -686,7 +667,6 @@ def main(argv: list[str] | None = None) -> int:
     extra = {
         "command": " ".join([".venv/bin/python benchmarks/bench_generator.py", *argv]),
         "threads_note": THREADS_NOTE[args.threads],
-        "findings": FINDINGS,
         "wall_s": time.perf_counter() - t_start,
         "targets": targets(rows),
     }
