@@ -29,12 +29,14 @@ from mergevq.commands.common import (
     CommandError,
     HelpFormatter,
     add_device_argument,
+    check_output_dir,
     guarded,
     load_model,
     positive_int,
     progress,
     resolve_device,
 )
+from mergevq.data.transforms import to_uint8
 
 __all__ = ["register", "run"]
 
@@ -143,24 +145,12 @@ def _check_pair(generator: Any, tokenizer: Any, *, generator_dir: str, tokenizer
         raise CommandError(str(exc)) from exc
 
 
-def _to_uint8_nhwc(images: Tensor) -> np.ndarray:
-    """``[B, 3, H, W]`` in ``[-1, 1]`` → uint8 ``[B, H, W, 3]`` (the rounding of the image writers)."""
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def run(args: argparse.Namespace) -> int:
     from mergevq.generator.mergear import groups_from_values
     from mergevq.viz import image_grid, merge_map
 
     device = resolve_device(args.device)
-    output = Path(args.output).expanduser()
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / ".write_test").touch()
-        (output / ".write_test").unlink()
-    except OSError as exc:
-        raise CommandError(f"--output {output} is not writable: {exc.strerror or exc}") from exc
+    output = check_output_dir(args.output)
 
     generator = _load_generator(args.generator, device=device)
     tokenizer = load_model(model_dir=args.tokenizer, device=device)
@@ -198,7 +188,6 @@ def run(args: argparse.Namespace) -> int:
     labels_all = torch.tensor([c for c in classes for _ in range(args.num_per_class)], dtype=torch.long)
     rng = torch.Generator(device=device).manual_seed(args.seed)
     height, width = config.grid
-    identity = torch.arange(height * width, device=device)
     images: list[np.ndarray] = []
     assignments: list[Tensor] = []
     distinct: list[int] = []
@@ -229,30 +218,33 @@ def run(args: argparse.Namespace) -> int:
                     assignment_BL = tokenizer.predict_assignment(out.indices)
                     pixels = tokenizer.decode(out.indices, assignment_BL)
                     groups_BL, counts = assignment_BL, [int(a.unique().numel()) for a in assignment_BL]
-                else:  # a raster grid of L codes: decode it as is; its groups are its repeated codes
-                    pixels = tokenizer.decode(out.indices, identity.expand(batch, -1))
-                    groups = groups_from_values(out.indices)
-                    groups_BL, counts = groups.assignment, [int(c) for c in groups.counts]
+                else:  # a raster grid of L codes with the identity assignment: decode it as is
+                    pixels = tokenizer.decode(out.indices, out.assignment)
+                    counts = [int(c) for c in out.stats.distinct_groups]
+                    # MergeAR's merge map: its groups are its repeated codes
+                    groups_BL = groups_from_values(out.indices).assignment if config.kind == "mergear" else None
             t2 = time.perf_counter()
             gen_seconds += t1 - t0
             decode_seconds += t2 - t1
             passes += out.stats.forward_passes
             peak_cache = max(peak_cache, int(out.stats.peak_cache_bytes))
-            images.append(_to_uint8_nhwc(pixels))
-            assignments.append(groups_BL.cpu())
+            images.append(to_uint8(pixels).permute(0, 2, 3, 1).numpy())  # NHWC, the npz convention
+            if groups_BL is not None:
+                assignments.append(groups_BL.cpu())
             distinct.extend(counts)
             bar.update(batch)
     total_seconds = time.perf_counter() - start
 
     arr = np.concatenate(images)
     labels_np = labels_all.numpy()
+    output.mkdir(parents=True, exist_ok=True)
     with open(output / "samples.npz", "wb") as handle:  # a file object keeps NumPy from renaming it
         np.savez(handle, arr_0=arr, labels=labels_np)
     per_row = min(args.num_per_class, 16)
     shown = [i for c in range(len(classes)) for i in range(c * args.num_per_class, c * args.num_per_class + per_row)]
     tiles = torch.from_numpy(arr[shown]).permute(0, 3, 1, 2).float() / 127.5 - 1
     image_grid(tiles, nrow=per_row).save(output / "grid.png")
-    if config.kind in ("mergear", "randar"):
+    if assignments:
         all_assignments = torch.cat(assignments)
         maps = [
             torch.from_numpy(np.array(merge_map(all_assignments[i], grid=(height, width), image=tiles[j])))

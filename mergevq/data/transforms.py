@@ -217,12 +217,16 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return tensor_3hw.div_(127.5).sub_(1.0)
 
 
+def to_uint8(tensor: torch.Tensor) -> torch.Tensor:
+    """Values in ``[-1, 1]`` -> uint8 levels on the CPU, same shape; clamped, then rounded to the nearest level."""
+    return ((tensor.detach().float().cpu().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8_image(tensor: torch.Tensor) -> Image.Image:
-    """``[3, H, W]`` tensor in ``[-1, 1]`` -> RGB PIL image; values are clamped then rounded to the nearest level."""
+    """``[3, H, W]`` tensor in ``[-1, 1]`` -> RGB PIL image (:func:`to_uint8` levels)."""
     if tensor.ndim != 3 or tensor.shape[0] != 3:
         raise ValueError(f"expected a [3, H, W] tensor, got shape {tuple(tensor.shape)}")
-    levels = ((tensor.detach().float().cpu().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(levels.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
+    return Image.fromarray(to_uint8(tensor).permute(1, 2, 0).contiguous().numpy(), mode="RGB")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
