@@ -28,8 +28,8 @@ def test_defaults_follow_the_code_and_the_variant(tmp_path):
     assert cfg.optim.optimizer == "adam" and cfg.optim.betas == (0.5, 0.9)
 
     g = load_config(write(tmp_path, "model: {preset: g-d64}\n"))
-    assert g.variant == "g" and g.loss.alignment_weight == 0.1 and g.merge.distribution == "exponential"
-    assert g.merge.direction == -1 and g.grad_clip is None
+    assert g.variant == "g" and g.loss.alignment_weight == 0.1 and g.merge.distribution == "authors_gaussian"
+    assert g.merge.num_candidates == 9 and g.grad_clip is None  # K in {225, ..., 529} (SPEC §2.4)
 
     r = load_config(write(tmp_path, "model: {preset: r-vitb}\nrecipe: paper\n"))
     assert r.variant == "r" and r.loss.source_recovery_weight == 1.0 and r.grad_clip == 5.0

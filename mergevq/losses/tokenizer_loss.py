@@ -1,7 +1,8 @@
 """The stage-1 objective: generator (tokenizer) loss and discriminator loss (SPEC §2.9).
 
     L_G = w_rec·rec(x, x̂) + w_p·LPIPS(x, x̂)                                        = nll
-        + λ_adv·G(D(x̂))          after disc_start; λ_adv fixed (code: 0.1) or w_adv·‖∇nll‖/‖∇G‖ (VQGAN, paper 0.8)
+        + λ_adv·G(D(x̂))          after disc_start; λ_adv fixed (code: 0.1) or w_adv·‖∇nll‖/‖∇G‖ (VQGAN, paper 0.8);
+                                   G = softplus(−mean_hw D(x̂)) per image (code) or per patch, or hinge −D(x̂)
         + w_ent·(H_sample − H_codebook) + w_commit·L_commit                           LFQ terms from the model
         + w_src·L_src + w_align·L_align                                               source recovery, alignment
     L_D = hinge(D(x), D(x̂)) + w_lecam·LeCAM(D(x), D(x̂))                             after disc_start
@@ -51,6 +52,9 @@ class TokenizerLoss(nn.Module):
         reconstruction: ``"l1"`` (authors' code) or ``"l2"`` (paper Table A1).
         perceptual: an LPIPS-like module ``(x, y) -> [B]``, or None to drop the term.
         adversarial_loss: ``"non_saturating"`` (code) or ``"hinge"`` generator loss.
+        adversarial_reduction: non-saturating only: ``"image"`` averages each image's patch logits before the
+            softplus, ``softplus(−mean_hw D(x̂))`` (the authors' code, SPEC §2.9; the training recipe's default);
+            ``"patch"`` applies the softplus to every patch logit, then averages (standard PatchGAN).
         adaptive: scale the adversarial term by VQGAN's gradient-norm ratio at the decoder's last layer.
         adaptive_max_weight: clamp of the adaptive ratio.
         disc_start: optimizer step from which the GAN terms are active.
@@ -64,6 +68,7 @@ class TokenizerLoss(nn.Module):
         reconstruction: Literal["l1", "l2"] = "l1",
         perceptual: nn.Module | None = None,
         adversarial_loss: Literal["non_saturating", "hinge"] = "non_saturating",
+        adversarial_reduction: Literal["image", "patch"] = "patch",
         adaptive: bool = False,
         adaptive_max_weight: float = 1e4,
         disc_start: int = 0,
@@ -77,7 +82,10 @@ class TokenizerLoss(nn.Module):
         self.weights = weights
         self.reconstruction = reconstruction
         self.perceptual = perceptual if weights.perceptual > 0 else None
+        if adversarial_reduction not in ("image", "patch"):
+            raise ValueError(f"adversarial_reduction must be 'image' or 'patch', got {adversarial_reduction!r}")
         self.adversarial_loss = adversarial_loss
+        self.adversarial_reduction = adversarial_reduction
         self.adaptive = adaptive
         self.adaptive_max_weight = adaptive_max_weight
         self.disc_start = disc_start
@@ -129,7 +137,7 @@ class TokenizerLoss(nn.Module):
         if discriminator is not None and self.gan_active(step):
             logits_fake = discriminator(reconstruction)
             if self.adversarial_loss == "non_saturating":
-                g = non_saturating_g_loss(logits_fake.float())
+                g = non_saturating_g_loss(logits_fake.float(), patch_mean_first=self.adversarial_reduction == "image")
             else:
                 g = hinge_g_loss(logits_fake.float())
             if self.adaptive:

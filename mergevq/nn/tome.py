@@ -10,7 +10,9 @@ dense ``S`` on demand.
 
 Token order: the non-CLS tokens are always kept in raster order of their first (smallest) source position. The
 alternate even/odd split of the next layer then stays spatially meaningful, and the K merged tokens come out in a
-deterministic, position-consistent order. The CLS token (when present) is first and is never merged.
+deterministic, position-consistent order. The CLS token (when present) is first and is never merged. Other A/B splits
+(the authors' re-split order, a 2-D window split, a fixed grid) pass their destination set to :func:`merge_step`
+(see :mod:`mergevq.tokenizer.merge_policy`); the output order stays the same.
 
 Einstein legend:
     B  batch
@@ -101,14 +103,29 @@ def init_merge_state(tokens: Tensor, *, has_cls: bool = True) -> MergeState:
     )
 
 
-def merge_step(state: MergeState, *, metric: Tensor, r: int) -> MergeState:
-    """Merge ``r`` token pairs by bipartite soft matching on ``metric`` ``[B, T, c]`` (CLS row included when present).
+def merge_step(
+    state: MergeState,
+    *,
+    metric: Tensor,
+    r: int,
+    destinations: Tensor | None = None,
+    regions: Tensor | None = None,
+) -> MergeState:
+    """Merge ``r`` tokens by bipartite soft matching on ``metric`` ``[B, T, c]`` (CLS row included when present).
 
-    The non-CLS tokens are split alternately (even positions → set A, odd → set B); each A token picks its most
+    The non-CLS tokens are split into sources (set A) and destinations (set B); each A token picks its most
     cosine-similar B token, and the ``r`` A tokens with the highest such scores are merged into their partners
     (size-weighted average; several A tokens may join the same B token). Merged tokens leave in raster order of their
-    first source position. Requires ``0 <= r <= N // 2``; ``r = 0`` returns ``state`` itself. The selection is
-    discrete; the merged values are differentiable w.r.t. ``state.tokens``.
+    first source position. ``r = 0`` returns ``state`` itself. The selection is discrete; the merged values are
+    differentiable w.r.t. ``state.tokens``.
+
+    Args:
+        destinations: ``[B, N]`` bool, True for the B tokens. None: the alternate split (even indices → A, odd → B),
+            which requires ``0 <= r <= N // 2``.
+        regions: ``[B, N]`` int64; when given, an A token may only join a B token of the same region (e.g. the
+            fixed-grid merge of :mod:`mergevq.tokenizer.merge_policy`).
+
+    With ``destinations`` or ``regions``, every sample needs at least ``r`` A tokens that have an allowed B token.
     """
     tokens_BTC = state.tokens
     batch, num_tokens, channels = tokens_BTC.shape
@@ -116,33 +133,82 @@ def merge_step(state: MergeState, *, metric: Tensor, r: int) -> MergeState:
     n = num_tokens - off
     if metric.shape[:2] != (batch, num_tokens):
         raise ValueError(f"metric must be [B, T, c] = [{batch}, {num_tokens}, c], got {tuple(metric.shape)}")
-    if not 0 <= r <= n // 2:
+    general = destinations is not None or regions is not None
+    for name, mask in (("destinations", destinations), ("regions", regions)):
+        if mask is not None and mask.shape != (batch, n):
+            raise ValueError(f"{name} must be [B, N] = [{batch}, {n}], got {tuple(mask.shape)}")
+    if not general and not 0 <= r <= n // 2:
         raise ValueError(f"r={r} merges out of N={n} tokens breaks the per-layer cap 0 <= r <= N // 2 = {n // 2}")
+    if general and not 0 <= r < n:
+        raise ValueError(f"r={r} merges out of N={n} tokens: need 0 <= r < N")
     if r == 0:
         return state
     device = tokens_BTC.device
-    num_out = num_tokens - r  # rows per sample after the merge, CLS included
 
     # Matching is discrete: no graph needed for the scores or any index.
     with torch.no_grad():
-        metric_BNc = F.normalize(metric[:, off:], dim=-1)
-        # bmm directly: same kernel and bits as `@`, without matmul's dispatch overhead.
-        scores = torch.bmm(metric_BNc[:, 0::2], metric_BNc[:, 1::2].transpose(1, 2))  # [B, ceil(N/2), floor(N/2)]
-        num_a, num_b = scores.shape[1:]
-        # max-with-indices over every A row costs ~10x amax on CPU; only the r chosen rows need their argmax.
-        best_score = scores.amax(dim=-1)  # [B, ceil(N/2)]
-        # Stable sort: ties resolve to the earliest A token, identically for a batch and for its single samples.
-        src_a = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]  # [B, r] index in A
-        a_rows = src_a + torch.arange(0, batch * num_a, num_a, device=device).unsqueeze(1)
-        chosen = scores.view(batch * num_a, num_b).index_select(0, a_rows.flatten()).view(batch, r, num_b)
-        dst_b = chosen.max(dim=-1).indices  # [B, r] index in B (first maximum)
-
-        # From here on, indices are rows of the flattened tokens: row b·T + t is token t of sample b. Every
-        # gather/scatter is then one index_select/index_add_ on a [B·T, ·] view, with no per-sample offsets to add.
+        # Rows of the flattened tokens: row b·T + t is token t of sample b (see _apply_merge).
         first_row = torch.arange(off, batch * num_tokens, num_tokens, device=device).unsqueeze(1)  # [B, 1] token 0
-        src = (2 * src_a + first_row).flatten()  # [B·r]
-        dst = (2 * dst_b + first_row).add_(1).flatten()
+        if general:
+            src_n, dst_n = _general_matching(state, metric=metric, r=r, destinations=destinations, regions=regions)
+            src = (src_n + first_row).flatten()
+            dst = (dst_n + first_row).flatten()
+        else:
+            metric_BNc = F.normalize(metric[:, off:], dim=-1)
+            # bmm directly: same kernel and bits as `@`, without matmul's dispatch overhead.
+            scores = torch.bmm(metric_BNc[:, 0::2], metric_BNc[:, 1::2].transpose(1, 2))  # [B, ceil(N/2), floor(N/2)]
+            num_a, num_b = scores.shape[1:]
+            # max-with-indices over every A row costs ~10x amax on CPU; only the r chosen rows need their argmax.
+            best_score = scores.amax(dim=-1)  # [B, ceil(N/2)]
+            # Stable sort: ties resolve to the earliest A token, identically for a batch and for its single samples.
+            src_a = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]  # [B, r] index in A
+            a_rows = src_a + torch.arange(0, batch * num_a, num_a, device=device).unsqueeze(1)
+            chosen = scores.view(batch * num_a, num_b).index_select(0, a_rows.flatten()).view(batch, r, num_b)
+            dst_b = chosen.max(dim=-1).indices  # [B, r] index in B (first maximum)
+            src = (2 * src_a + first_row).flatten()  # [B·r]
+            dst = (2 * dst_b + first_row).add_(1).flatten()
+    return _apply_merge(state, src=src, dst=dst, r=r)
 
+
+def _general_matching(
+    state: MergeState, *, metric: Tensor, r: int, destinations: Tensor | None, regions: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``(src, dst)`` ``[B, r]`` non-CLS indices for an arbitrary split, by masking the full ``[N, N]`` scores.
+
+    Same choices as the alternate fast path when ``destinations`` marks the odd tokens: stable sort of the best
+    scores (ties: earliest A token) and the first maximum among the allowed B tokens.
+    """
+    off = int(state.has_cls)
+    n = state.num_groups
+    device = metric.device
+    if destinations is None:
+        destinations = (torch.arange(n, device=device) % 2 == 1).expand(metric.shape[0], n)
+    is_b = destinations.to(device=device, dtype=torch.bool)
+    metric_BNc = F.normalize(metric[:, off:], dim=-1)
+    scores = torch.bmm(metric_BNc, metric_BNc.transpose(1, 2))  # [B, N, N]
+    allowed = ~is_b[:, :, None] & is_b[:, None, :]
+    if regions is not None:
+        allowed &= regions[:, :, None] == regions[:, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    best_score, best_dst = scores.max(dim=-1)  # [B, N]; first maximum
+    eligible = allowed.any(dim=-1).sum(dim=-1)  # [B] A tokens with at least one allowed partner
+    fewest = int(eligible.min())
+    if fewest < r:
+        raise ValueError(f"r={r} merges requested but a sample has only {fewest} source tokens with a destination")
+    src = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]  # [B, r]
+    return src, best_dst.gather(1, src)
+
+
+def _apply_merge(state: MergeState, *, src: Tensor, dst: Tensor, r: int) -> MergeState:
+    """Merge flattened rows ``src`` into ``dst`` (``[B·r]`` each, rows of ``tokens.view(B·T, C)``)."""
+    tokens_BTC = state.tokens
+    batch, num_tokens, channels = tokens_BTC.shape
+    off = int(state.has_cls)
+    n = num_tokens - off
+    device = tokens_BTC.device
+    num_out = num_tokens - r  # rows per sample after the merge, CLS included
+
+    with torch.no_grad():
         # New order without a sort. Key each group by its smallest row: first positions increase along the rows, so
         # ordering groups by first position is ordering them by key. A partner's key is the smallest of its own row
         # and those it absorbs; merged-away rows take their partner's key; CLS and unmerged rows are their own key.
@@ -226,18 +292,22 @@ def merge_by_assignment(tokens: Tensor, assignment: Tensor, *, num_groups: int, 
     return torch.cat([tokens[:, :off], means_BKC], dim=1)
 
 
-def carry_destination(values: Tensor, *, before: MergeState, after: MergeState) -> Tensor:
+def carry_destination(
+    values: Tensor, *, before: MergeState, after: MergeState, destinations: Tensor | None = None
+) -> Tensor:
     """Per-group values ``[B, N_before, ...]`` -> ``[B, N_after, ...]`` across one :func:`merge_step`.
 
-    Each group of ``after`` takes the value of its *destination*: the set-B (odd index) token that the others merged
-    into, or the token itself when it merged with nothing. Useful for attributes that cannot be averaged, such as a
-    merged token's grid position.
+    Each group of ``after`` takes the value of its *destination*: the set-B token that the others merged into, or the
+    token itself when it merged with nothing. Useful for attributes that cannot be averaged, such as a merged token's
+    grid position. ``destinations`` is the ``[B, N_before]`` bool set B that the step used (None: the alternate
+    split's odd indices).
     """
     n_before = before.num_groups
     new_of_old = after.assignment.gather(1, before.first_position)  # [B, N_before] group after the step
     members = group_sizes(new_of_old, num_groups=after.num_groups)  # [B, N_after]
     old = torch.arange(n_before, device=values.device).expand_as(new_of_old)
-    is_destination = (old % 2 == 1) | (members.gather(1, new_of_old) == 1)  # exactly one per group
+    is_b = (old % 2 == 1) if destinations is None else destinations.to(device=values.device, dtype=torch.bool)
+    is_destination = is_b | (members.gather(1, new_of_old) == 1)  # exactly one per group
     source = torch.zeros_like(members).scatter_reduce(
         1, new_of_old, torch.where(is_destination, old, -1), reduce="amax", include_self=False
     )

@@ -8,8 +8,8 @@ preset        variant    E1 stem                       E2 width / heads       L 
 g-d64         G          CNN 64·[1,2,4,8], f=8         512 / 8                1024
 gr-d64        G+R        CNN 64·[1,1,2,4,8], f=16      512 / 8                256
 r-vitb        R          16×16 patches                 768 / 12               256
-g-d32         G          CNN 32·[2,4,8,12], f=8        384 / 6                1024
-gr-d32        G+R        CNN 32·[2,2,4,8,12], f=16     384 / 6                256
+g-d32         G          CNN 32·[2,4,8,12], f=8        384 / 8                1024
+gr-d32        G+R        CNN 32·[2,2,4,8,12], f=16     384 / 8                256
 gr-d96        G+R        CNN 96·[1,1,2,4,8], f=16      768 / 12               256
 tiny-32       G+R        CNN 32·[1,2,4], f=4           128 / 4 (6 blocks)     64 (32²)
 tiny-64       G+R        CNN 32·[1,2,2,6], f=8         192 / 4 (6 blocks)     64 (64²)
@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from mergevq.persistence import check_config_keys, load_config_json, save_config_json
+from mergevq.tokenizer.merge_policy import MERGE_POLICIES, MERGE_SPLITS, grid_block_side
 
 VARIANTS = ("g", "gr", "r")
 ALIGN_HEADS = ("mlp_ln", "mlp3", "none")
+WEIGHT_INITS = ("trunc_normal", "torch")
 
 
 @dataclass
@@ -50,8 +52,21 @@ class TokenizerConfig:
     num_heads: int = 8
     mlp_ratio: float = 4.0
     layerscale_init: float = 1e-5
+    # Init of new models (mergevq.tokenizer.initialization): "trunc_normal" = the authors' transformer init
+    # (TransformerBlock/SourceRecovery.init_weights in their model_mergevq.py, the file of SPEC §2.3/§2.7: Linear/Conv
+    # weights trunc-normal std 0.02, biases 0) on the encoder and decoder transformers and the Source Recovery;
+    # "torch" = PyTorch's default init everywhere. CNN parts keep PyTorch's init in both; CLS stays N(0, 1e-6).
+    weight_init: str = "trunc_normal"
     proportional_attention: bool = True  # paper Eq. 14: + log(size) on attention logits
-    merge_schedule: str = "linear"  # "linear" (authors' code, 1.5r -> 0.5r) | "constant" | "square"
+    merge_schedule: str = "linear"  # "linear" (authors' code, 1.5r -> 0.5r) | "constant" | "square" (SPEC §2.3)
+    # Which tokens merge (mergevq.tokenizer.merge_policy): "tome" = bipartite soft matching (SPEC §2.3); "grid" =
+    # the same blocks and schedule, restricted to fixed b×b blocks of the grid (K must tile it).
+    merge_policy: str = "tome"
+    # ToMe's A/B split: "alternate" (even/odd in raster order of first position) | "resplit" (the authors' order
+    # [unmerged A, B] re-split at every layer, SPEC §2.3) | "window" (ToMe for Stable Diffusion's 2-D split, SPEC
+    # §6.3: one destination per window, random in training, top-left in evaluation).
+    merge_split: str = "alternate"
+    merge_window: int = 2  # window side of merge_split="window" (tomesd's default stride 2×2)
     default_num_tokens: int = 144  # K used when a call does not name one
     # ---- LFQ
     codebook_bits: int = 18
@@ -120,6 +135,14 @@ class TokenizerConfig:
             raise bad("align_head", f"{self.align_head!r} is not one of {ALIGN_HEADS}")
         if self.merge_schedule not in ("linear", "constant", "square"):
             raise bad("merge_schedule", f"{self.merge_schedule!r} is not 'linear', 'constant' or 'square'")
+        if self.merge_policy not in MERGE_POLICIES:
+            raise bad("merge_policy", f"{self.merge_policy!r} is not one of {MERGE_POLICIES}")
+        if self.merge_split not in MERGE_SPLITS:
+            raise bad("merge_split", f"{self.merge_split!r} is not one of {MERGE_SPLITS}")
+        if self.merge_window < 2:
+            raise bad("merge_window", f"{self.merge_window} must be >= 2")
+        if self.weight_init not in WEIGHT_INITS:
+            raise bad("weight_init", f"{self.weight_init!r} is not one of {WEIGHT_INITS}")
         if self.width % self.num_heads:
             raise bad("width", f"{self.width} is not divisible by num_heads={self.num_heads}")
         if self.stem == "cnn" and self.base_channels * self.channel_mult[-1] != self.width:
@@ -142,6 +165,11 @@ class TokenizerConfig:
             raise bad("recovery_heads", f"recovery_width {self.recovery_width} not divisible by {self.recovery_heads}")
         if not 1 <= self.default_num_tokens <= self.num_tokens_full:
             raise bad("default_num_tokens", f"{self.default_num_tokens} is outside [1, L={self.num_tokens_full}]")
+        if self.merge_policy == "grid":
+            try:
+                grid_block_side(grid=(self.grid_size, self.grid_size), num_tokens=self.default_num_tokens)
+            except ValueError as e:
+                raise bad("default_num_tokens", str(e)) from None
         if not 1 <= self.codebook_bits <= 30:
             raise bad("codebook_bits", f"{self.codebook_bits} is outside [1, 30]")
 
@@ -240,12 +268,9 @@ PRESETS: dict[str, Any] = {
         decoder_channel_mult=(1, 1, 2, 4, 8),
     ),
     # Released-code-only sizes (SPEC §2.1).
-    "g-d32": lambda: _g(
-        name="g-d32", base_channels=32, channel_mult=(2, 4, 8, 12), width=384, num_heads=6, decoder_heads=6
-    ),
-    "gr-d32": lambda: _gr(
-        name="gr-d32", base_channels=32, channel_mult=(2, 2, 4, 8, 12), width=384, num_heads=6, decoder_heads=6
-    ),
+    # d32: 8 heads of 48 channels in the encoder and decoder transformers, as the released d32 configs.
+    "g-d32": lambda: _g(name="g-d32", base_channels=32, channel_mult=(2, 4, 8, 12), width=384),
+    "gr-d32": lambda: _gr(name="gr-d32", base_channels=32, channel_mult=(2, 2, 4, 8, 12), width=384),
     "gr-d96": lambda: _gr(name="gr-d96", base_channels=96, width=768, num_heads=12, decoder_heads=12),
     # Small CPU presets that train usefully on 2 cores.
     "tiny-32": lambda: _gr(

@@ -16,6 +16,7 @@ from mergevq.nn.attention import Attention
 from mergevq.nn.blocks import Downsample, LayerScale, Mlp, ResBlock, group_norm, map_to_tokens
 from mergevq.nn.tome import MergeState, init_merge_state, merge_schedule, merge_step
 from mergevq.tokenizer.config import TokenizerConfig
+from mergevq.tokenizer.merge_policy import MergePlan
 
 
 class CNNStem(nn.Module):
@@ -65,12 +66,13 @@ class MergeBlock(nn.Module):
         self.ls2 = LayerScale(dim, init=layerscale_init)
         self.prop_attn = prop_attn
 
-    def forward(self, state: MergeState, *, r: int) -> MergeState:
+    def forward(self, state: MergeState, *, r: int, plan: MergePlan | None = None) -> MergeState:
+        """One block; ``plan`` chooses the merge split (None: ToMe's alternate split, :func:`merge_step`)."""
         x = state.tokens
         attn, metric = self.attn(self.norm1(x), size=state.size if self.prop_attn else None, return_metric=r > 0)
         state = replace(state, tokens=x + self.ls1(attn))
         if r > 0:
-            state = merge_step(state, metric=metric, r=r)
+            state = merge_step(state, metric=metric, r=r) if plan is None else plan.merge(state, metric=metric, r=r)
         x = state.tokens
         return replace(state, tokens=x + self.ls2(self.mlp(self.norm2(x))))
 
@@ -125,9 +127,17 @@ class Encoder(nn.Module):
         length = tokens.shape[1]
         if not 1 <= num_tokens <= length:
             raise ValueError(f"num_tokens={num_tokens} is outside [1, L={length}] for a {grid[0]}×{grid[1]} grid")
+        plan = MergePlan(
+            policy=self.config.merge_policy,
+            split=self.config.merge_split,
+            window=self.config.merge_window,
+            grid=grid,
+            num_tokens=num_tokens,
+            training=self.training,
+        )
         state = init_merge_state(torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], 1), has_cls=True)
         for block, r in zip(self.blocks, self.schedule(num_tokens=length, target=num_tokens)):
-            state = block(state, r=r)
+            state = block(state, r=r, plan=None if plan.is_default else plan)
         cls, merged = state.tokens[:, 0], state.tokens[:, 1:]
         latents = self.proj_out(F.silu(self.norm_out(merged.transpose(1, 2)))).transpose(1, 2)
         return EncoderOutput(latents, state.assignment, state.size[:, 1:], cls, grid)

@@ -33,6 +33,7 @@ from mergevq.persistence import (
 from mergevq.tokenizer.config import TokenizerConfig, get_preset
 from mergevq.tokenizer.decoder import Decoder
 from mergevq.tokenizer.encoder import Encoder, build_align_head
+from mergevq.tokenizer.initialization import trunc_normal_init
 from mergevq.tokenizer.recovery import SourceRecovery, recover
 
 _RANGE_SLACK = 1e-3  # float resampling may overshoot [-1, 1] by rounding; 0-255 pixels are far outside
@@ -83,6 +84,10 @@ class MergeVQ(nn.Module):
             else None
         )
         self.decoder = Decoder(config)
+        if config.weight_init == "trunc_normal":
+            # The authors' transformer init (TransformerBlock / SourceRecovery init_weights); CNN parts keep PyTorch's.
+            transformers = [self.encoder.blocks, self.decoder.blocks, self.decoder.pos_conv]
+            trunc_normal_init(modules=transformers + ([self.recovery] if self.recovery is not None else []))
 
     # ------------------------------------------------------------------ construction and persistence
     @classmethod

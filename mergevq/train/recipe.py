@@ -11,7 +11,8 @@ Values are resolved in layers, later ones winning:
    (SPEC §2.4) and R's gradient clipping at 5.0;
 3. the **recipe** layer: ``code`` (default) keeps the authors' released settings where the paper differs (SPEC §12:
    L1 reconstruction, perceptual 1.0, fixed adversarial weight 0.1, Adam); ``paper`` switches to Table A1
-   (L2 reconstruction, perceptual 0.7, adaptive adversarial weight × 0.8, AdamW, step / cosine LR);
+   (L2 reconstruction, perceptual 0.7, adaptive adversarial weight × 0.8, AdamW, step / cosine LR) and the paper's
+   square-decreasing merge schedule (App. A.1; ``model.overrides.merge_schedule: square``);
 4. the YAML file;
 5. command-line overrides ``section.key=value`` (values parsed as YAML scalars, e.g. ``optim.lr=2e-4``,
    ``optim.betas=[0.5,0.9]``, ``data.val=null``).
@@ -29,6 +30,7 @@ from typing import Any, Literal
 
 from mergevq.nn.tome import merge_schedule
 from mergevq.tokenizer.config import PRESETS, TokenizerConfig, get_preset
+from mergevq.tokenizer.merge_policy import grid_block_side
 from mergevq.train.config_io import (
     ConfigError,
     NonFiniteSection,
@@ -62,6 +64,11 @@ __all__ = [
 class ModelSection:
     preset: str = "tiny-32"  # a name from mergevq.tokenizer.config.PRESETS
     overrides: dict[str, Any] = field(default_factory=dict)  # TokenizerConfig fields to change
+    # Initialisation of the encoder transformer (E2) before training (mergevq.tokenizer.initialization): "none" keeps
+    # the model's own init (TokenizerConfig.weight_init); "dinov2" = weight selection from DINOv2 (paper App. A.1,
+    # SPEC §2.1 "E2 init"; first-N layers, uniformly selected channels). A resumed run's checkpoint replaces it.
+    init_from: Literal["none", "dinov2"] = "none"
+    init_from_source: str = "facebook/dinov2-base"  # hub id (cached; honours HF_HUB_OFFLINE) or local HF directory
 
 
 @dataclass
@@ -87,6 +94,9 @@ class LossSection:
     adversarial_loss: Literal["non_saturating", "hinge"] = "non_saturating"  # code: non-saturating
     adversarial_mode: Literal["fixed", "adaptive"] = "fixed"  # code: fixed; paper: VQGAN adaptive weight
     adversarial_weight: float = 0.1  # fixed: the weight (code 0.1); adaptive: multiplies it (paper 0.8)
+    # non_saturating only: "image" = softplus(−mean_hw D(x̂)) per image, the authors' code (SPEC §2.9); "patch" =
+    # softplus per patch logit, then the mean (standard PatchGAN). The paper does not say; both recipes use "image".
+    adversarial_reduction: Literal["image", "patch"] = "image"
     adaptive_max_weight: float = 1.0e4
     disc_start: int = 0  # optimizer step at which the GAN terms switch on (code: 0)
     disc_channels: int = 64
@@ -171,14 +181,15 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------------------------------
 
 _VARIANT_LAYERS: dict[str, dict[str, Any]] = {
-    # G: exponential over K = (√K0 − T)² (paper A.3; its Fig. 5 range [225, 400] contradicts the formula).
+    # G: the authors' 'gaussian-9' list (SPEC §2.4): K = (√K0 + i)² for i in [-1, 7] with their fixed weights, i.e.
+    # {225, 256, ..., 529} with 61% at 256 for K0 = 256 (cut to the grid on small models). The paper's formula
+    # K = (16 − T)² only reaches K <= 256, below both that list and its own Fig. 5 range [225, 400]; the Fig. 5 range
+    # is available as merge.distribution=exponential, merge.root=15, merge.direction=1, merge.t_min=0, merge.t_max=5.
     "g": {
         "loss.source_recovery_weight": 0.5,
         "loss.alignment_weight": 0.1,
-        "merge.distribution": "exponential",
-        "merge.direction": -1,
-        "merge.t_min": 0,
-        "merge.t_max": 4,
+        "merge.distribution": "authors_gaussian",
+        "merge.num_candidates": 9,
     },
     # G+R: discrete Gaussian over K = (12 + T)² for T in [-1, 3] → [121, 225] (paper Fig. 5 stage-1 range).
     "gr": {
@@ -204,6 +215,8 @@ _VARIANT_LAYERS: dict[str, dict[str, Any]] = {
 _RECIPE_LAYERS: dict[str, dict[str, Any]] = {
     "code": {},
     "paper": {
+        # App. A.1: "we choose the square decreasing schedule" (SPEC §2.3, §12 #3; code: linear 1.5r -> 0.5r).
+        "model.overrides.merge_schedule": "square",
         "loss.reconstruction": "l2",
         "loss.perceptual_weight": 0.7,
         "loss.adversarial_mode": "adaptive",
@@ -268,16 +281,27 @@ def _fit_merge_range(layer: dict[str, Any], values: dict[str, Any]) -> None:
 
     The layers carry the paper's ranges, meant for 256+ tokens: ``K = (6 + T)², T in [-1, 3]`` reaches K = 81 on the
     64-token grid of the default tiny-32, which would make the defaults themselves invalid. A range set by the user
-    (``merge.t_min``, ``merge.t_max``, ``merge.candidates``) is left alone and checked as given.
+    (``merge.t_min``, ``merge.t_max``, ``merge.candidates``) is left alone and checked as given. For the authors'
+    lists (``authors_*``, e.g. the G layer's ``gaussian-9``) the candidate count is cut instead, unless
+    ``merge.num_candidates`` is set.
     """
     merge = values.get("merge", {})
-    if any(key in merge for key in ("t_min", "t_max", "candidates")):
+    if any(key in merge for key in ("t_min", "t_max", "candidates", "num_candidates")):
         return
     model = values.get("model", {})
     try:
         model_config = get_preset(model.get("preset", ModelSection.preset), **model.get("overrides", {}))
     except (TypeError, ValueError):
         return  # reported with its source by _check_model_and_merge
+    if str(merge.get("distribution", layer.get("merge.distribution", ""))).startswith("authors_"):
+        # The authors' list [(√K0 + i)² for i in range(-bias, n - bias)] only grows with n: keep the n that fit.
+        bias = 1 if merge.get("distribution", layer.get("merge.distribution")) == "authors_gaussian" else 0
+        root0 = math.sqrt(model_config.default_num_tokens)
+        n = layer.get("merge.num_candidates", MergeSamplingConfig.num_candidates)
+        while n > 1 + bias and int((root0 + n - 1 - bias) ** 2) > model_config.num_tokens_full:
+            n -= 1
+        layer["merge.num_candidates"] = n
+        return
     root = merge.get("root") or round(math.sqrt(model_config.default_num_tokens))
     direction = merge.get("direction", layer.get("merge.direction", 1))
     t_min, t_max = layer.get("merge.t_min", 0), layer.get("merge.t_max", 0)
@@ -317,3 +341,8 @@ def _check_model_and_merge(config: TrainConfig, source: str) -> None:
             )
         except ValueError as e:
             raise ConfigError(f"{source}: merge: candidate K={k}: {e}") from None
+        if model_config.merge_policy == "grid":  # fixed blocks: every K must tile the grid
+            try:
+                grid_block_side(grid=(model_config.grid_size,) * 2, num_tokens=k)
+            except ValueError as e:
+                raise ConfigError(f"{source}: merge: candidate K={k}: {e}") from None

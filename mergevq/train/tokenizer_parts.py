@@ -3,6 +3,7 @@ data, all from the recipe (:func:`build_parts`), plus the checks a resumed check
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from mergevq.losses.discriminator import PatchGANDiscriminator
 from mergevq.losses.perceptual import LPIPS
 from mergevq.losses.tokenizer_loss import LossWeights, TokenizerLoss
 from mergevq.tokenizer.config import TokenizerConfig
+from mergevq.tokenizer.initialization import init_encoder_from_dinov2
 from mergevq.tokenizer.model import MergeVQ
 from mergevq.train.config_io import ConfigError, config_diff
 from mergevq.train.ema import EMA
@@ -73,7 +75,13 @@ class Parts:
 
 def build_parts(config: TrainConfig, *, device: torch.device) -> Parts:
     reseed_globals(derive_seed(config.seed, 0x1A17))
-    model = MergeVQ.from_preset(config.model.preset, **config.model.overrides).to(device)
+    model = MergeVQ.from_preset(config.model.preset, **config.model.overrides)
+    if config.model.init_from == "dinov2":  # before the EMA copy, identically on every rank
+        try:
+            init_encoder_from_dinov2(encoder=model.encoder, source=config.model.init_from_source)
+        except (ImportError, OSError, ValueError) as e:
+            raise ConfigError(f"model.init_from: dinov2: {e}") from None
+    model = model.to(device)
     mcfg = model.config
     sampler = MergeCountSampler(
         config=config.merge,
@@ -137,6 +145,7 @@ def build_parts(config: TrainConfig, *, device: torch.device) -> Parts:
         reconstruction=lc.reconstruction,
         perceptual=perceptual,
         adversarial_loss=lc.adversarial_loss,
+        adversarial_reduction=lc.adversarial_reduction,
         adaptive=lc.adversarial_mode == "adaptive",
         adaptive_max_weight=lc.adaptive_max_weight,
         disc_start=lc.disc_start,
@@ -172,7 +181,12 @@ def build_parts(config: TrainConfig, *, device: torch.device) -> Parts:
 def check_same_model(state: dict[str, Any], path: Path, *, current: TokenizerConfig) -> None:
     """Refuse a checkpoint written for another tokenizer, naming the keys that differ."""
     saved = json.loads(state["model_config"])
-    diffs = config_diff(saved, current.to_dict(), ignore=("notes",))
+    # Keys added since the checkpoint was written take their defaults (the behaviour it was trained with); a config
+    # that no longer loads is compared as written, and its differences are reported below.
+    with contextlib.suppress(ValueError):
+        saved = TokenizerConfig.from_dict(saved).to_dict()
+    # weight_init only affects a fresh model; resumed weights replace it.
+    diffs = config_diff(saved, current.to_dict(), ignore=("notes", "weight_init"))
     if not diffs:
         return
     listed = ", ".join(f"{k} ({a!r} vs {b!r})" for k, a, b in diffs[:6])
