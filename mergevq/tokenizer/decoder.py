@@ -2,10 +2,20 @@
 then a CNN part (AdaGN modulated by the quantised map, ResBlocks, pixel-shuffle upsampling), SPEC §2.8.
 
 Shapes: B batch, d LFQ bits, h×w token grid, C channels, H×W image.
+
+Memory format: the CNN part runs in one layout chosen on purpose, ``Decoder.memory_format`` (contiguous NCHW by
+default). On CPU a convolution's output follows its input's layout, so without this the layout of the incoming
+``z`` decided it: the recovered map is a transposed view of the token tensor ([B, L, d] → [B, d, h, w]), i.e.
+channels_last, and every conv and GroupNorm up to the full resolution, forward and backward, inherited it. On these
+CPUs channels_last makes convolution forward+backward at [2, 64, 256, 256] about 2× slower and GroupNorm 3.5-4.5×
+slower than NCHW, and a gr-d64 training step about 1.2× slower (``benchmarks/bench_tokenizer.py``: layout check and
+``time_vs_nchw``). The transformer part's depth-wise conv (MixFFN) works on a channels_last view of the tokens by
+design: it is on the small token grid and saves two transposing copies.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -57,8 +67,21 @@ class DecoderLevel(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: TokenizerConfig) -> None:
+    """Transformer on the token grid, then the CNN part in ``memory_format`` (see the module docstring).
+
+    ``memory_format`` is ``torch.contiguous_format`` (NCHW) or ``torch.channels_last``; it may be changed after
+    construction. The conv weights must stay NCHW for NCHW to hold (a channels_last weight also flips the output).
+    """
+
+    def __init__(
+        self, config: TokenizerConfig, *, memory_format: torch.memory_format = torch.contiguous_format
+    ) -> None:
         super().__init__()
+        if memory_format not in (torch.contiguous_format, torch.channels_last):
+            raise ValueError(
+                f"memory_format must be torch.contiguous_format or torch.channels_last, not {memory_format}"
+            )
+        self.memory_format = memory_format
         width = config.decoder_width
         base, mult = config.dec_base_channels, config.dec_channel_mult
         self.conv_in = nn.Conv2d(config.codebook_bits, width, 3, padding=1)
@@ -92,14 +115,18 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        """z [B,d,h,w] (recovered quantised map) → image [B,3,H,W]."""
+        """z [B,d,h,w] (recovered quantised map, any layout) → image [B,3,H,W], contiguous NCHW."""
+        z = z.contiguous(memory_format=self.memory_format)  # the caller's layout must not pick the decoder's
         x = self.conv_in(z)
         x = x + self.pos_conv(x)
         grid = (x.shape[-2], x.shape[-1])
-        tokens = map_to_tokens(x)
+        # Tokens contiguous [B,T,C] whatever the map layout: LayerNorm and the linears want it.
+        tokens = map_to_tokens(x).contiguous()
         for block in self.blocks:
             tokens = block(tokens, grid=grid)
-        x = tokens_to_map(tokens, grid)
+        # tokens_to_map gives a channels_last view: fix the layout again before the CNN part.
+        x = tokens_to_map(tokens, grid).contiguous(memory_format=self.memory_format)
         for level in self.levels:
             x = level(x, z)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        # 3-channel output: converting it costs nothing and callers get an ordinary image tensor.
+        return self.conv_out(F.silu(self.norm_out(x))).contiguous()
