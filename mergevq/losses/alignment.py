@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mergevq.nn.dinov2 import load_dinov2
 
 __all__ = [
     "AlignBranch",
@@ -130,20 +131,7 @@ class DinoV2Teacher(Teacher):
             ImportError: ``transformers`` is not installed.
             OSError: the weights cannot be loaded (message names the source and the fix).
         """
-        try:
-            from transformers import Dinov2Model
-        except ImportError as err:
-            raise ImportError("the dinov2 teacher needs transformers: pip install 'transformers>=4.40'") from err
-        kwargs = {} if local_files_only is None else {"local_files_only": local_files_only}
-        try:
-            model = Dinov2Model.from_pretrained(os.fspath(source), **kwargs)
-        except Exception as err:  # transformers raises OSError, ValueError or hub errors depending on the cause
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise OSError(
-                f"could not load the DINOv2 teacher from {os.fspath(source)!r} ({reason}). "
-                "Pass a local directory holding config.json and model.safetensors (download once with "
-                "`huggingface-cli download facebook/dinov2-base --local-dir DIR`), or a hub id already in the cache."
-            ) from err
+        model = load_dinov2(source=source, what="the DINOv2 teacher", local_files_only=local_files_only)
         return cls(model=model, feature_dim=int(model.config.hidden_size), image_size=image_size)
 
     @torch.no_grad()

@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mergevq.nn.dinov2 import load_dinov2
+
 __all__ = [
     "DINOV2_DEFAULT_SOURCE",
     "dinov2_encoder_state",
@@ -167,19 +169,7 @@ def load_dinov2_state(*, source: str | Path, local_files_only: bool | None = Non
         OSError: the weights cannot be loaded (the message names the source).
         ValueError: the source uses a SwiGLU MLP or a non-GELU activation, which our blocks do not have.
     """
-    try:
-        from transformers import Dinov2Model
-    except ImportError as err:
-        raise ImportError("model.init_from=dinov2 needs transformers: pip install 'mergevq[teachers]'") from err
-    kwargs = {} if local_files_only is None else {"local_files_only": local_files_only}
-    try:
-        model = Dinov2Model.from_pretrained(os.fspath(source), **kwargs)
-    except Exception as err:  # transformers raises OSError, ValueError or hub errors depending on the cause
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise OSError(
-            f"model.init_from_source: could not load DINOv2 from {os.fspath(source)!r} ({reason}); pass a local "
-            "directory holding config.json and model.safetensors, or a hub id already in the cache"
-        ) from err
+    model = load_dinov2(source=source, what="model.init_from_source", local_files_only=local_files_only)
     cfg = model.config
     if getattr(cfg, "use_swiglu_ffn", False) or getattr(cfg, "hidden_act", "gelu") != "gelu":
         raise ValueError(
