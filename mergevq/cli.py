@@ -17,6 +17,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mergevq.commands.reconstruct",
     "mergevq.commands.encode",
     "mergevq.commands.sample",
+    "mergevq.commands.finetune_recovery",
     "mergevq.commands.evaluate",
     "mergevq.commands.benchmark",
 )

@@ -55,6 +55,9 @@ TOKENIZER_DEFINITIONS = {
     "codebook_usage": "fraction of the 2^d LFQ codes used at least once over all merged tokens of all images",
     "codebook_perplexity": "exp of the entropy (nats) of the empirical code distribution: the effective number of "
     "equally used codes",
+    "assignment": "how the K merged tokens were put back on the grid: 'true' = the encoder's assignment (stage 1), "
+    "'predicted' = the learned Source Recovery's from the K codes alone, as for a RandAR sample",
+    "recovery_accuracy": "predicted only: share of grid positions the Source Recovery gave their true merged token",
     "merged_tokens": "the K the encoder used (differs from the requested K only when --image-size differs from the "
     "model's image size: the ratio K/L is kept)",
 }
@@ -84,6 +87,14 @@ def _register_tokenizer(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--image-size", metavar="S", type=positive_int, default=None, help="evaluation resolution (default: model's)"
     )
+    parser.add_argument(
+        "--assignment",
+        nargs="+",
+        choices=["true", "predicted"],
+        default=["true"],
+        help="decode with the encoder's assignment ('true'), the learned Source Recovery's ('predicted'), or both "
+        "(one row each; the gap is the cost of predicting S, as for RandAR samples)",
+    )
     parser.add_argument("--output", metavar="FILE.json", required=True, help="where to write the results")
     parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     parser.add_argument("--no-fid", action="store_true", help="skip rFID (the slow part on CPU)")
@@ -105,6 +116,18 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
         raise CommandError(
             f"--image-size {size} is not divisible by the model's downsampling factor {config.downsample}"
         )
+    assignments = list(dict.fromkeys(args.assignment))
+    if "predicted" in assignments:
+        if model.recovery is None:
+            raise CommandError(
+                f"--assignment predicted: preset {config.name!r} has no learned Source Recovery "
+                "(learned_recovery=False)"
+            )
+        if size != config.image_size:
+            raise CommandError(
+                f"--assignment predicted needs the model's own image size {config.image_size} "
+                f"(got --image-size {size}): the Source Recovery predicts the assignment of its fixed grid"
+            )
     dataset = _image_dataset(args.data, size=size, max_images=args.max_images, what="--data")
     count = len(dataset)
     warnings: list[str] = []
@@ -129,6 +152,7 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
             lpips=lpips,
             inception=inception,
             progress=bar.update,
+            assignments=assignments,
         )
 
     results = []
@@ -138,6 +162,8 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
         results.append(
             {
                 "num_tokens": r.num_tokens,
+                "assignment": r.assignment,
+                "recovery_accuracy": r.recovery_accuracy,
                 "merged_tokens": r.merged_tokens,
                 "psnr": psnr.mean,
                 "psnr_num_finite": psnr.num_finite,

@@ -94,6 +94,10 @@ class KEvaluation:
     codebook_perplexity: float
     num_codes: int
     seconds: dict[str, float] = field(default_factory=dict)  # encode, decode, metrics, inception
+    # "true": decoded with the encoder's assignment (stage 1); "predicted": with the learned Source Recovery's, as
+    # a RandAR sample is (SPEC §3; the paper's Table 5 cost, rFID 1.48 → 1.71 at its scale).
+    assignment: str = "true"
+    recovery_accuracy: float | None = None  # predicted only: share of positions given their true merged token
 
 
 @dataclass
@@ -134,23 +138,34 @@ def evaluate_tokenizer(
     lpips: nn.Module | None = None,
     inception: InceptionFeatures | None = None,
     progress: ProgressFn | None = None,
+    assignments: Sequence[str] = ("true",),
 ) -> TokenizerEvaluation:
     """Reconstruct every batch ``[B, 3, H, W]`` (in ``[-1, 1]``) at each K and accumulate the metrics.
 
     ``lpips`` (on ``device``) and ``inception`` are optional: without them LPIPS / rFID are left out (None).
+    ``assignments`` names how the merged tokens go back onto the grid: ``"true"`` (the encoder's assignment) and/or
+    ``"predicted"`` (the learned Source Recovery's, from the K codes alone); one result per K and assignment, in
+    that order.
     """
     if not num_tokens:
         raise ValueError("num_tokens must name at least one K")
+    unknown = sorted(set(assignments) - {"true", "predicted"})
+    if unknown or not assignments:
+        raise ValueError(f"assignments must be 'true' and/or 'predicted', got {list(assignments)}")
+    if "predicted" in assignments and model.recovery is None:
+        raise ValueError(f"preset {model.config.name!r} has no learned Source Recovery: only 'true' can be evaluated")
+    runs = [(k, mode) for k in num_tokens for mode in assignments]
     start = time.perf_counter()
     model.eval()
     num_codes = 2**model.config.codebook_bits
-    evaluators = {k: ReconstructionEvaluator(lpips=lpips) for k in num_tokens}
+    evaluators = {run: ReconstructionEvaluator(lpips=lpips) for run in runs}
     usages = {k: CodebookUsage(num_codes=num_codes, device=device) for k in num_tokens}
-    clocks = {k: _Clock(device) for k in num_tokens}
+    clocks = {run: _Clock(device) for run in runs}
     merged_tokens: dict[int, int] = {}
+    recovered = {k: [0, 0] for k in num_tokens}  # positions given their true merged token, positions seen
     # Created at the first batch, with the feature width of whatever network ``inception`` wraps.
     originals: GaussianAccumulator | None = None
-    reconstructed: dict[int, GaussianAccumulator] = {}
+    reconstructed: dict[tuple[int, str], GaussianAccumulator] = {}
     inception_seconds = 0.0
     count = 0
 
@@ -162,22 +177,32 @@ def evaluate_tokenizer(
             inception_seconds += time.perf_counter() - t0
             if originals is None:
                 originals = GaussianAccumulator(features.shape[1])
-                reconstructed = {k: GaussianAccumulator(features.shape[1]) for k in num_tokens}
+                reconstructed = {run: GaussianAccumulator(features.shape[1]) for run in runs}
             originals.update(features)
         for k in num_tokens:
-            clock = clocks[k]
-            with clock("encode"):
-                encoded = model.encode(images, num_tokens=k)
-            with clock("decode"):
-                # Metrics are defined on the displayable image: clamp like the reference evaluation (SPEC §7).
-                reconstruction = model.decode(encoded).float().clamp(-1.0, 1.0)
-            merged_tokens[k] = encoded.num_tokens
-            with clock("metrics"):
-                evaluators[k].update(images, reconstruction)
-                usages[k].update(encoded.indices)
-            if inception is not None:
-                with clock("inception"):
-                    reconstructed[k].update(inception(reconstruction))
+            encoded = None
+            for mode in assignments:
+                clock = clocks[k, mode]
+                if encoded is None:
+                    with clock("encode"):
+                        encoded = model.encode(images, num_tokens=k)
+                    merged_tokens[k] = encoded.num_tokens
+                    usages[k].update(encoded.indices)
+                with clock("decode"):
+                    if mode == "true":
+                        decoded = model.decode(encoded)
+                    else:
+                        predicted = model.predict_assignment(encoded.indices)
+                        recovered[k][0] += int((predicted == encoded.assignment).sum())
+                        recovered[k][1] += predicted.numel()
+                        decoded = model.decode(encoded.indices, predicted)
+                    # Metrics are defined on the displayable image: clamp like the reference evaluation (SPEC §7).
+                    reconstruction = decoded.float().clamp(-1.0, 1.0)
+                with clock("metrics"):
+                    evaluators[k, mode].update(images, reconstruction)
+                if inception is not None:
+                    with clock("inception"):
+                        reconstructed[k, mode].update(inception(reconstruction))
         count += images.shape[0]
         if progress is not None:
             progress(images.shape[0])
@@ -186,22 +211,25 @@ def evaluate_tokenizer(
         raise ValueError("no images to evaluate")
     reference = originals.statistics() if originals is not None and count >= 2 else None
     results = []
-    for k in num_tokens:
+    for k, mode in runs:
         rfid = None
         if reference is not None:
-            stats = reconstructed[k].statistics()
+            stats = reconstructed[k, mode].statistics()
             rfid = frechet_distance(reference.mu, reference.sigma, stats.mu, stats.sigma)
+        hits, seen = recovered[k]
         results.append(
             KEvaluation(
                 num_tokens=k,
                 merged_tokens=merged_tokens[k],
-                metrics=evaluators[k].summary(),
+                metrics=evaluators[k, mode].summary(),
                 rfid=rfid,
                 codebook_usage=usages[k].usage,
                 codebook_used=usages[k].num_used,
                 codebook_perplexity=usages[k].perplexity,
                 num_codes=num_codes,
-                seconds=dict(clocks[k].totals),
+                seconds=dict(clocks[k, mode].totals),
+                assignment=mode,
+                recovery_accuracy=hits / seen if mode == "predicted" and seen else None,
             )
         )
     seconds = {"inception_originals": inception_seconds, "total": time.perf_counter() - start}
