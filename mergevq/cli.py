@@ -20,6 +20,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mergevq.commands.finetune_recovery",
     "mergevq.commands.evaluate",
     "mergevq.commands.benchmark",
+    "mergevq.commands.demo",
 )
 
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mergevq",
         description=(
             "MergeVQ: token-merging visual tokenizer and its generators "
-            "(train, reconstruct, encode, sample, evaluate, benchmark)."
+            "(train, reconstruct, encode, sample, evaluate, benchmark, demo)."
         ),
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

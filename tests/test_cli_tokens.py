@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -22,21 +21,6 @@ from mergevq.data.transforms import eval_transform
 COMMAND_MODULES = ("mergevq.commands.reconstruct", "mergevq.commands.encode")
 
 
-def _parser() -> argparse.ArgumentParser:
-    return mergevq.cli.build_parser()  # the real `mergevq` command
-
-
-def cli(*argv: str | Path) -> int:
-    args = _parser().parse_args([str(a) for a in argv])
-    return args.func(args)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return MergeVQ.from_preset("tiny-32").save_pretrained(tmp_path_factory.mktemp("model"))
-
-
 @pytest.fixture(scope="module")
 def images_dir(cifar10_root: Path, tmp_path_factory) -> Path:
     """Three CIFAR-10 test images (one in a sub-folder) and one corrupt file."""
@@ -52,10 +36,10 @@ def images_dir(cifar10_root: Path, tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------------------------------------- reconstruct
 
 
-def test_reconstruct_writes_panels_and_summary(model_dir, images_dir, tmp_path, capsys) -> None:
+def test_reconstruct_writes_panels_and_summary(mergevq_cli, tiny_tokenizer_dir, images_dir, tmp_path, capsys) -> None:
     out = tmp_path / "recon"
-    rc = cli("reconstruct", "--model", model_dir, "--input", images_dir, "--num-tokens", "8", "64", "--output", out,
-             "--device", "cpu", "--batch-size", "2")  # fmt: skip
+    rc = mergevq_cli("reconstruct", "--model", tiny_tokenizer_dir, "--input", images_dir, "--num-tokens", "8", "64",
+                     "--output", out, "--device", "cpu", "--batch-size", "2")  # fmt: skip
     assert rc == 0
     captured = capsys.readouterr()
     assert "broken.png" in captured.err and "warning" in captured.err
@@ -82,9 +66,11 @@ def test_reconstruct_writes_panels_and_summary(model_dir, images_dir, tmp_path, 
     assert "K=8: mean PSNR" in captured.out
 
 
-def test_reconstruct_rejects_k_above_l(model_dir, images_dir, tmp_path, capsys) -> None:
+def test_reconstruct_rejects_k_above_l(mergevq_cli, tiny_tokenizer_dir, images_dir, tmp_path, capsys) -> None:
     out = tmp_path / "never"
-    rc = cli("reconstruct", "--model", model_dir, "--input", images_dir, "--num-tokens", "8", "65", "--output", out)
+    rc = mergevq_cli(
+        "reconstruct", "--model", tiny_tokenizer_dir, "--input", images_dir, "--num-tokens", "8", "65", "--output", out
+    )
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
@@ -92,23 +78,25 @@ def test_reconstruct_rejects_k_above_l(model_dir, images_dir, tmp_path, capsys) 
     assert not out.exists()
 
 
-def test_reconstruct_missing_model_dir(images_dir, tmp_path, capsys) -> None:
+def test_reconstruct_missing_model_dir(mergevq_cli, images_dir, tmp_path, capsys) -> None:
     missing = tmp_path / "no-such-model"
-    rc = cli("reconstruct", "--model", missing, "--input", images_dir, "--num-tokens", "8", "--output", tmp_path / "o")
+    rc = mergevq_cli(
+        "reconstruct", "--model", missing, "--input", images_dir, "--num-tokens", "8", "--output", tmp_path / "o"
+    )
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model directory not found" in err and str(missing) in err
 
     not_a_model = tmp_path / "empty"
     not_a_model.mkdir()
-    rc = cli("reconstruct", "--model", not_a_model, "--input", images_dir, "--output", tmp_path / "o")
+    rc = mergevq_cli("reconstruct", "--model", not_a_model, "--input", images_dir, "--output", tmp_path / "o")
     assert rc == 2
     assert "missing config.json" in capsys.readouterr().err
 
 
-def test_reconstruct_preset_single_image_other_size(images_dir, tmp_path, capsys) -> None:
+def test_reconstruct_preset_single_image_other_size(mergevq_cli, images_dir, tmp_path, capsys) -> None:
     out = tmp_path / "try"
-    rc = cli("reconstruct", "--preset", "tiny-32", "--input", images_dir / "cat.jpg", "--num-tokens", "4",
+    rc = mergevq_cli("reconstruct", "--preset", "tiny-32", "--input", images_dir / "cat.jpg", "--num-tokens", "4",
              "--output", out, "--size", "64", "--no-merge-maps")  # fmt: skip
     assert rc == 0
     assert "untrained" in capsys.readouterr().err
@@ -130,11 +118,11 @@ def test_reconstruct_unique_output_names(tmp_path) -> None:
 # --------------------------------------------------------------------------------------------------------------- encode
 
 
-def test_encode_cifar_subset_is_deterministic(model_dir, cifar10_root, tmp_path) -> None:
+def test_encode_cifar_subset_is_deterministic(mergevq_cli, tiny_tokenizer_dir, cifar10_root, tmp_path) -> None:
     files = []
     for workers in ("0", "2"):  # worker processes change nothing but speed
         path = tmp_path / f"tokens_{workers}.safetensors"
-        rc = cli("encode", "--model", model_dir, "--data", cifar10_root / "test", "--num-tokens", "16",
+        rc = mergevq_cli("encode", "--model", tiny_tokenizer_dir, "--data", cifar10_root / "test", "--num-tokens", "16",
                  "--output", path, "--max-images", "20", "--batch-size", "8", "--num-workers", workers,
                  "--device", "cpu", "--split-name", "val")  # fmt: skip
         assert rc == 0
@@ -157,14 +145,14 @@ def test_encode_cifar_subset_is_deterministic(model_dir, cifar10_root, tmp_path)
     assert torch.equal(tokens.labels, again.labels)
 
 
-def test_encode_skips_corrupt_files(model_dir, images_dir, tmp_path, capsys) -> None:
+def test_encode_skips_corrupt_files(mergevq_cli, tiny_tokenizer_dir, images_dir, tmp_path, capsys) -> None:
     flat = tmp_path / "flat"
     flat.mkdir()
     for path in images_dir.rglob("*.*"):
         shutil.copy(path, flat / path.name)
     (flat / "truncated.jpg").write_bytes((images_dir / "cat.jpg").read_bytes()[:200])
     out = tmp_path / "flat.safetensors"
-    rc = cli("encode", "--model", model_dir, "--data", flat, "--num-tokens", "8", "--output", out,
+    rc = mergevq_cli("encode", "--model", tiny_tokenizer_dir, "--data", flat, "--num-tokens", "8", "--output", out,
              "--num-workers", "0", "--batch-size", "2")  # fmt: skip
     assert rc == 0
     tokens = load_tokens(out)
@@ -175,11 +163,12 @@ def test_encode_skips_corrupt_files(model_dir, images_dir, tmp_path, capsys) -> 
     assert "mergevq encode: warning: skipping unreadable image" in capsys.readouterr().err
 
 
-def test_encode_several_k_matches_the_model(model_dir, cifar10_root, tmp_path, capsys) -> None:
+def test_encode_several_k_matches_the_model(mergevq_cli, tiny_tokenizer_dir, cifar10_root, tmp_path, capsys) -> None:
     path = tmp_path / "multi.safetensors"
     data = cifar10_root / "test"
-    rc = cli("encode", "--model", model_dir, "--data", data, "--num-tokens", "64", "16", "--output", path,
-             "--max-images", "6", "--batch-size", "4", "--num-workers", "0", "--device", "cpu")  # fmt: skip
+    rc = mergevq_cli("encode", "--model", tiny_tokenizer_dir, "--data", data, "--num-tokens", "64", "16",
+                     "--output", path, "--max-images", "6", "--batch-size", "4", "--num-workers", "0",
+                     "--device", "cpu")  # fmt: skip
     assert rc == 0
     assert "wrote 6 image(s) x K=16,64 tokens (L=64)" in capsys.readouterr().out
     tokens = load_tokens(path)
@@ -192,7 +181,7 @@ def test_encode_several_k_matches_the_model(model_dir, cifar10_root, tmp_path, c
         tokens.get(num_tokens=32)
 
     # The same images through the model directly, in the command's batches (4 + 2), agree token for token.
-    model = MergeVQ.from_pretrained(model_dir).eval()
+    model = MergeVQ.from_pretrained(tiny_tokenizer_dir).eval()
     dataset = ImageDataset(data, transform=eval_transform(32), max_images=6)
     images = torch.stack([dataset[i]["image"] for i in range(6)])
     assert tokens.labels.tolist() == [dataset[i]["label"] for i in range(6)]
@@ -228,9 +217,9 @@ def test_encode_several_k_matches_the_model(model_dir, cifar10_root, tmp_path, c
         (["--num-tokens", "0"], "K=0"),
     ],
 )
-def test_encode_argument_errors(model_dir, images_dir, tmp_path, capsys, extra, needle) -> None:
+def test_encode_argument_errors(mergevq_cli, tiny_tokenizer_dir, images_dir, tmp_path, capsys, extra, needle) -> None:
     out = tmp_path / "t.safetensors"
-    rc = cli("encode", "--model", model_dir, "--data", images_dir, "--output", out, *extra)
+    rc = mergevq_cli("encode", "--model", tiny_tokenizer_dir, "--data", images_dir, "--output", out, *extra)
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err
@@ -257,13 +246,13 @@ def test_help_mentions_every_option(monkeypatch, capsys, command, options) -> No
         assert option in text, f"{command} --help does not mention {option}"
     assert "examples:" in text and f"mergevq {command} --model" in text
     # Every registered option is documented (nothing added without help text).
-    sub = _parser()._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    sub = mergevq.cli.build_parser()._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
     for action in sub._actions:
         assert action.help, f"{action.option_strings} has no help"
 
 
-def test_main_dispatches_to_registered_commands(monkeypatch, model_dir, images_dir, tmp_path) -> None:
+def test_main_dispatches_to_registered_commands(monkeypatch, tiny_tokenizer_dir, images_dir, tmp_path) -> None:
     monkeypatch.setattr(mergevq.cli, "_COMMAND_MODULES", COMMAND_MODULES)
-    rc = mergevq.cli.main(["reconstruct", "--model", str(model_dir), "--input", str(images_dir / "ship.jpg"),
+    rc = mergevq.cli.main(["reconstruct", "--model", str(tiny_tokenizer_dir), "--input", str(images_dir / "ship.jpg"),
                            "--num-tokens", "99", "--output", str(tmp_path / "x")])  # fmt: skip
     assert rc == 2

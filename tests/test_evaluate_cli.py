@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shlex
@@ -21,21 +20,6 @@ from mergevq.eval.fid import InceptionFeatures, load_statistics, save_statistics
 from mergevq.eval.tokenizer_eval import GaussianAccumulator
 
 COMMAND_MODULES = ("mergevq.commands.evaluate", "mergevq.commands.benchmark")
-
-
-def _parser() -> argparse.ArgumentParser:
-    return mergevq.cli.build_parser()  # the real `mergevq` command
-
-
-def cli(*argv: str | Path) -> int:
-    args = _parser().parse_args([str(a) for a in argv])
-    return args.func(args)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return MergeVQ.from_preset("tiny-32").save_pretrained(tmp_path_factory.mktemp("model"))
 
 
 class _PooledFeatures(torch.nn.Module):
@@ -59,7 +43,7 @@ def pooled_features(monkeypatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_runs(cifar10_root: Path, model_dir: Path, tmp_path_factory) -> dict[int, dict]:
+def tokenizer_runs(mergevq_cli, cifar10_root: Path, tiny_tokenizer_dir: Path, tmp_path_factory) -> dict[int, dict]:
     """The same 8 test images evaluated at K = 16, 64 with batch sizes 3 and 8 (stand-in FID features)."""
     out = tmp_path_factory.mktemp("tokenizer")
     runs = {}
@@ -68,8 +52,8 @@ def tokenizer_runs(cifar10_root: Path, model_dir: Path, tmp_path_factory) -> dic
             patch.setattr(module, "_inception", _pooled_inception)
         for batch_size in (3, 8):
             path = out / f"batch{batch_size}.json"
-            rc = cli(
-                "evaluate", "tokenizer", "--model", model_dir, "--data", cifar10_root / "test",
+            rc = mergevq_cli(
+                "evaluate", "tokenizer", "--model", tiny_tokenizer_dir, "--data", cifar10_root / "test",
                 "--num-tokens", "16", "64", "--max-images", "8", "--batch-size", batch_size, "--output", path,
             )  # fmt: skip
             assert rc == 0
@@ -82,7 +66,7 @@ def tokenizer_runs(cifar10_root: Path, model_dir: Path, tmp_path_factory) -> dic
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_tokenizer_json_contents(tokenizer_runs: dict[int, dict], model_dir: Path) -> None:
+def test_tokenizer_json_contents(tokenizer_runs: dict[int, dict], tiny_tokenizer_dir: Path) -> None:
     data = tokenizer_runs[3]
     assert data["kind"] == "tokenizer_eval"
     assert data["command"].startswith("mergevq evaluate tokenizer --model ")
@@ -109,10 +93,12 @@ def test_tokenizer_json_contents(tokenizer_runs: dict[int, dict], model_dir: Pat
         assert {"encode", "decode", "metrics", "inception"} <= set(row["seconds"])
 
 
-def test_tokenizer_with_the_real_inception(cifar10_root: Path, model_dir: Path, tmp_path: Path) -> None:
+def test_tokenizer_with_the_real_inception(
+    mergevq_cli, cifar10_root: Path, tiny_tokenizer_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "real.json"
-    rc = cli(
-        "evaluate", "tokenizer", "--model", model_dir, "--data", cifar10_root / "test", "--num-tokens", "16",
+    rc = mergevq_cli(
+        "evaluate", "tokenizer", "--model", tiny_tokenizer_dir, "--data", cifar10_root / "test", "--num-tokens", "16",
         "--max-images", "4", "--no-lpips", "--output", out,
     )  # fmt: skip
     assert rc == 0
@@ -121,7 +107,9 @@ def test_tokenizer_with_the_real_inception(cifar10_root: Path, model_dir: Path, 
     assert row["lpips"] is None
 
 
-def test_tokenizer_metrics_match_a_direct_computation(tokenizer_runs: dict[int, dict], model_dir, cifar10_root):
+def test_tokenizer_metrics_match_a_direct_computation(
+    tokenizer_runs: dict[int, dict], tiny_tokenizer_dir, cifar10_root
+):
     """PSNR is the mean of per-image PSNRs of the clamped reconstructions; rFID the Fréchet distance of the
     features of originals and reconstructions (here the stand-in features, batch of 8 as in the run)."""
     from mergevq.data.images import ImageDataset
@@ -131,7 +119,7 @@ def test_tokenizer_metrics_match_a_direct_computation(tokenizer_runs: dict[int, 
 
     dataset = ImageDataset(cifar10_root / "test", transform=eval_transform(32), max_images=8)
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-    model = MergeVQ.from_pretrained(model_dir).eval()
+    model = MergeVQ.from_pretrained(tiny_tokenizer_dir).eval()
     with torch.inference_mode():
         reconstruction = model.decode(model.encode(images, num_tokens=16)).clamp(-1, 1)
     row = tokenizer_runs[8]["results"][0]
@@ -160,9 +148,9 @@ def test_streaming_covariance_matches_numpy() -> None:
     np.testing.assert_allclose(stats.sigma, np.cov(rows, rowvar=False), rtol=1e-10)
 
 
-def test_tokenizer_preset_prints_notice_and_table(cifar10_root: Path, tmp_path: Path, capsys) -> None:
+def test_tokenizer_preset_prints_notice_and_table(mergevq_cli, cifar10_root: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "sub" / "preset.json"
-    rc = cli(
+    rc = mergevq_cli(
         "evaluate", "tokenizer", "--preset", "tiny-32", "--data", cifar10_root / "test", "--num-tokens", "8",
         "--max-images", "4", "--no-fid", "--no-lpips", "--output", out,
     )  # fmt: skip
@@ -177,16 +165,25 @@ def test_tokenizer_preset_prints_notice_and_table(cifar10_root: Path, tmp_path: 
     assert not any("biased" in w for w in data["warnings"])  # no FID, no FID warning
 
 
-def test_tokenizer_errors_are_one_line(cifar10_root: Path, model_dir: Path, tmp_path: Path, capsys) -> None:
-    rc = cli(
-        "evaluate", "tokenizer", "--model", model_dir, "--data", cifar10_root / "test", "--num-tokens", "65",
+def test_tokenizer_errors_are_one_line(
+    mergevq_cli, cifar10_root: Path, tiny_tokenizer_dir: Path, tmp_path: Path, capsys
+) -> None:
+    rc = mergevq_cli(
+        "evaluate", "tokenizer", "--model", tiny_tokenizer_dir, "--data", cifar10_root / "test", "--num-tokens", "65",
         "--output", tmp_path / "x.json",
     )  # fmt: skip
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mergevq evaluate tokenizer: error:") and "K=65" in err and "\n" not in err
-    rc = cli(
-        "evaluate", "tokenizer", "--model", model_dir, "--data", tmp_path / "none", "--output", tmp_path / "x.json"
+    rc = mergevq_cli(
+        "evaluate",
+        "tokenizer",
+        "--model",
+        tiny_tokenizer_dir,
+        "--data",
+        tmp_path / "none",
+        "--output",
+        tmp_path / "x.json",
     )
     assert rc == 2 and "--data" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
@@ -196,7 +193,7 @@ def test_command_line_reparses_to_the_same_arguments(tokenizer_runs: dict[int, d
     command = tokenizer_runs[8]["command"]
     argv = shlex.split(command)
     assert argv[0] == "mergevq"
-    parsed = _parser().parse_args(argv[1:])
+    parsed = mergevq.cli.build_parser().parse_args(argv[1:])
     assert evaluate.command_line(parsed) == command
     assert parsed.batch_size == 8 and parsed.num_tokens == [16, 64] and parsed.max_images == 8
 
@@ -224,14 +221,19 @@ def image_sets(cifar10_root: Path, tmp_path_factory) -> dict[str, Path]:
     return {"a": root / "a", "a_npz": root / "a.npz", "b": root / "b", "root": root}
 
 
-def _generator(samples: Path, reference: Path, output: Path, *extra: str | Path) -> dict:
-    assert cli("evaluate", "generator", "--samples", samples, "--reference", reference, "--output", output, *extra) == 0
+def _generator(mergevq_cli, samples: Path, reference: Path, output: Path, *extra: str | Path) -> dict:
+    assert (
+        mergevq_cli("evaluate", "generator", "--samples", samples, "--reference", reference, "--output", output, *extra)
+        == 0
+    )
     return json.loads(output.read_text())
 
 
-def test_fid_of_a_set_with_itself_is_zero(image_sets: dict[str, Path], tmp_path: Path) -> None:
+def test_fid_of_a_set_with_itself_is_zero(mergevq_cli, image_sets: dict[str, Path], tmp_path: Path) -> None:
     stats = tmp_path / "a_stats.npz"
-    data = _generator(image_sets["a"], image_sets["a_npz"], tmp_path / "same.json", "--save-reference-stats", stats)
+    data = _generator(
+        mergevq_cli, image_sets["a"], image_sets["a_npz"], tmp_path / "same.json", "--save-reference-stats", stats
+    )
     metrics = data["metrics"]
     assert abs(metrics["fid"]) < 1e-6  # the folder's JPEGs and the npz hold the same pixels
     assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0 and metrics["nearest_k"] == 3
@@ -241,17 +243,21 @@ def test_fid_of_a_set_with_itself_is_zero(image_sets: dict[str, Path], tmp_path:
     assert stats.is_file() and load_statistics(stats).num_images == 6
 
 
-def test_fid_is_symmetric_and_positive_and_stats_reference_works(image_sets, tmp_path: Path, pooled_features) -> None:
+def test_fid_is_symmetric_and_positive_and_stats_reference_works(
+    mergevq_cli, image_sets, tmp_path: Path, pooled_features
+) -> None:
     b_stats = tmp_path / "b.npz"
-    ab = _generator(image_sets["a_npz"], image_sets["b"], tmp_path / "ab.json", "--save-reference-stats", b_stats)
-    ba = _generator(image_sets["b"], image_sets["a_npz"], tmp_path / "ba.json")
+    ab = _generator(
+        mergevq_cli, image_sets["a_npz"], image_sets["b"], tmp_path / "ab.json", "--save-reference-stats", b_stats
+    )
+    ba = _generator(mergevq_cli, image_sets["b"], image_sets["a_npz"], tmp_path / "ba.json")
     assert ab["metrics"]["fid"] > 1.0
     assert ab["metrics"]["fid"] == pytest.approx(ba["metrics"]["fid"], rel=1e-6)
     assert 0.0 <= ab["metrics"]["precision"] <= 1.0 and 0.0 <= ab["metrics"]["recall"] <= 1.0
     assert ab["metrics"]["precision"] == pytest.approx(ba["metrics"]["recall"])  # the roles swap
 
     # The cache keeps the reference features, so precision/recall need no second Inception pass over it.
-    stats = _generator(image_sets["a_npz"], b_stats, tmp_path / "stats.json")
+    stats = _generator(mergevq_cli, image_sets["a_npz"], b_stats, tmp_path / "stats.json")
     assert stats["reference"]["format"] == "stats"
     assert stats["metrics"]["fid"] == pytest.approx(ab["metrics"]["fid"], rel=1e-9)
     assert stats["metrics"]["precision"] == pytest.approx(ab["metrics"]["precision"])
@@ -261,28 +267,28 @@ def test_fid_is_symmetric_and_positive_and_stats_reference_works(image_sets, tmp
     plain = load_statistics(b_stats)
     plain.features = None
     save_statistics(tmp_path / "plain.npz", plain)
-    only_fid = _generator(image_sets["a_npz"], tmp_path / "plain.npz", tmp_path / "plain.json")
+    only_fid = _generator(mergevq_cli, image_sets["a_npz"], tmp_path / "plain.npz", tmp_path / "plain.json")
     assert only_fid["metrics"]["fid"] == pytest.approx(ab["metrics"]["fid"], rel=1e-9)
     assert only_fid["metrics"]["precision"] is None and only_fid["metrics"]["recall"] is None
     assert "statistics" in only_fid["metrics"]["unavailable"]["precision_recall"]
 
 
-def test_generator_max_images_takes_a_strided_subset(image_sets, tmp_path: Path, pooled_features) -> None:
-    data = _generator(image_sets["a"], image_sets["a_npz"], tmp_path / "sub.json", "--max-images", "4")
+def test_generator_max_images_takes_a_strided_subset(mergevq_cli, image_sets, tmp_path: Path, pooled_features) -> None:
+    data = _generator(mergevq_cli, image_sets["a"], image_sets["a_npz"], tmp_path / "sub.json", "--max-images", "4")
     assert data["samples"]["num_images"] == 4 and data["samples"]["available"] == 6
     assert data["reference"]["num_images"] == 4
     assert abs(data["metrics"]["fid"]) < 1e-6  # the same rule picks the same images from folder and npz
     assert evaluate.strided_subset(6, 4) == [0, 1, 3, 4] and evaluate.strided_subset(3, None) == [0, 1, 2]
 
 
-def test_generator_input_errors(image_sets: dict[str, Path], tmp_path: Path, capsys) -> None:
+def test_generator_input_errors(mergevq_cli, image_sets: dict[str, Path], tmp_path: Path, capsys) -> None:
     stats = tmp_path / "s.npz"
     np.savez(stats, mu=np.zeros(3), sigma=np.eye(3))
-    rc = cli(
+    rc = mergevq_cli(
         "evaluate", "generator", "--samples", stats, "--reference", image_sets["a"], "--output", tmp_path / "x.json"
     )
     assert rc == 2 and "samples must be images" in capsys.readouterr().err
-    rc = cli(
+    rc = mergevq_cli(
         "evaluate", "generator", "--samples", tmp_path / "missing.npz", "--reference", image_sets["a"],
         "--output", tmp_path / "x.json",
     )  # fmt: skip
@@ -294,11 +300,12 @@ def test_generator_input_errors(image_sets: dict[str, Path], tmp_path: Path, cap
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_probe_reports_accuracies(cifar10_root: Path, model_dir: Path, tmp_path: Path) -> None:
+def test_probe_reports_accuracies(mergevq_cli, cifar10_root: Path, tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "probe.json"
-    rc = cli(
-        "evaluate", "probe", "--model", model_dir, "--train", cifar10_root / "train", "--test", cifar10_root / "test",
-        "--num-tokens", "16", "64", "--max-train", "60", "--max-test", "30", "--epochs", "5", "--output", out,
+    rc = mergevq_cli(
+        "evaluate", "probe", "--model", tiny_tokenizer_dir, "--train", cifar10_root / "train",
+        "--test", cifar10_root / "test", "--num-tokens", "16", "64", "--max-train", "60", "--max-test", "30",
+        "--epochs", "5", "--output", out,
     )  # fmt: skip
     assert rc == 0
     data = json.loads(out.read_text())
@@ -313,14 +320,20 @@ def test_probe_reports_accuracies(cifar10_root: Path, model_dir: Path, tmp_path:
             assert features["linear_top5"] >= features["linear_top1"]
 
 
-def test_probe_needs_labels_and_defaults_to_all_tokens(cifar10_root: Path, model_dir: Path, tmp_path: Path, capsys):
+def test_probe_needs_labels_and_defaults_to_all_tokens(
+    mergevq_cli, cifar10_root: Path, tiny_tokenizer_dir: Path, tmp_path: Path, capsys
+):
     flat = tmp_path / "flat"
     flat.mkdir()
     shutil.copy(sorted((cifar10_root / "test" / "cat").iterdir())[0], flat / "a.jpg")
     out = tmp_path / "p.json"
-    rc = cli("evaluate", "probe", "--model", model_dir, "--train", flat, "--test", flat, "--output", out)
+    rc = mergevq_cli(
+        "evaluate", "probe", "--model", tiny_tokenizer_dir, "--train", flat, "--test", flat, "--output", out
+    )
     assert rc == 2 and "no class sub-folders" in capsys.readouterr().err
-    args = _parser().parse_args(["evaluate", "probe", "--model", "m", "--train", "a", "--test", "b", "--output", "o"])
+    args = mergevq.cli.build_parser().parse_args(
+        ["evaluate", "probe", "--model", "m", "--train", "a", "--test", "b", "--output", "o"]
+    )
     assert args.num_tokens is None  # resolved to L (all tokens, the paper's probing protocol) at run time
 
 
@@ -329,9 +342,9 @@ def test_probe_needs_labels_and_defaults_to_all_tokens(cifar10_root: Path, model
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_benchmark_writes_positive_throughputs(tmp_path: Path, capsys) -> None:
+def test_benchmark_writes_positive_throughputs(mergevq_cli, tmp_path: Path, capsys) -> None:
     out = tmp_path / "speed.json"
-    rc = cli(
+    rc = mergevq_cli(
         "benchmark", "--preset", "tiny-32", "--batch-size", "2", "--num-tokens", "16", "64", "--repeats", "2",
         "--warmup", "1", "--threads", "1", "--output", out,
     )  # fmt: skip
@@ -355,7 +368,7 @@ def test_benchmark_writes_positive_throughputs(tmp_path: Path, capsys) -> None:
 
 def test_benchmark_help_says_generation_is_not_measured(capsys) -> None:
     with pytest.raises(SystemExit):
-        _parser().parse_args(["benchmark", "--help"])
+        mergevq.cli.build_parser().parse_args(["benchmark", "--help"])
     assert "stage-2 generators" in capsys.readouterr().out
     model = MergeVQ.from_preset("tiny-32")
     assert benchmark.default_num_tokens(model=model) == [8, 16, 36, 64]

@@ -1,8 +1,8 @@
-"""Result JSON → docs page: tables, Pillow plots, and ``scripts/make_results.py`` on files written by the commands."""
+"""Result JSON → docs page: tables, matplotlib plots, and ``scripts/make_results.py`` on files written by the
+commands."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mergevq.commands import benchmark, evaluate, evaluate_generator, evaluate_tokenizer
+from mergevq.commands import evaluate_generator, evaluate_tokenizer
 from mergevq.eval.fid import InceptionFeatures
 from mergevq.eval.report import (
     format_value,
@@ -36,22 +36,13 @@ def _load_script():
     return module
 
 
-def cli(*argv: str | Path) -> int:
-    parser = argparse.ArgumentParser(prog="mergevq")
-    subparsers = parser.add_subparsers(dest="command")
-    evaluate.register(subparsers)
-    benchmark.register(subparsers)
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
-
-
 class _PooledFeatures(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
 
 
 @pytest.fixture(scope="module")
-def results_dir(cifar10_root: Path, tmp_path_factory) -> Path:
+def results_dir(cifar10_root: Path, tmp_path_factory, mergevq_cli) -> Path:
     """One result file of every kind, written by the real commands on a few CIFAR-10 images (cheap settings)."""
     out = tmp_path_factory.mktemp("results")
     few = tmp_path_factory.mktemp("few")  # small class folders: listing all 60k CIFAR files would dominate the run
@@ -80,7 +71,7 @@ def results_dir(cifar10_root: Path, tmp_path_factory) -> Path:
                 lambda *, weights, device, batch_size: InceptionFeatures(network=_PooledFeatures(), device=device),
             )
         for argv in runs:
-            assert cli(*argv) == 0
+            assert mergevq_cli(*argv) == 0
     shutil.copy(ROOT / "benchmarks" / "results" / "merge.json", out / "merge.json")
     return out
 
@@ -204,3 +195,37 @@ def test_line_plot_gaps_and_log_axes(tmp_path: Path) -> None:
     assert blue > 50 and red > 10  # both series drawn (b as a lone marker)
     with pytest.raises(ValueError, match="nothing to plot"):
         line_plot(tmp_path / "q.png", title="t", x_label="x", y_label="y", series={"a": []})
+
+
+def test_line_plot_curves_auto_ticks_and_lone_points(tmp_path: Path) -> None:
+    # A training curve: many points, no markers; a second series with one point between gaps still shows it.
+    curve = [(step, 1.0 / (1 + step)) for step in range(0, 400, 4)]
+    lone = [(0, None), (200, 0.5), (300, None)]
+    path = line_plot(
+        tmp_path / "c.png",
+        title="curve",
+        x_label="optimizer step",
+        y_label="loss",
+        series={"loss": curve, "val": lone},
+        x_ticks="auto",
+        markers=False,
+    )
+    with Image.open(path) as image:
+        assert image.size == (800, 440) and image.mode == "RGB"
+        pixels = np.asarray(image)
+    blue = np.all(pixels == (31, 119, 180), axis=-1)
+    red = np.all(pixels == (214, 39, 40), axis=-1)
+    assert blue.sum() > 200 and red.sum() > 10
+    # The curve falls from left to right: its top-most blue pixels lie in the left part of the axes.
+    rows, cols = np.nonzero(blue[:, :650])
+    assert cols[rows == rows.min()].mean() < 250
+    same = line_plot(
+        tmp_path / "d.png",
+        title="curve",
+        x_label="optimizer step",
+        y_label="loss",
+        series={"loss": curve, "val": lone},
+        x_ticks="auto",
+        markers=False,
+    )
+    assert same.read_bytes() == path.read_bytes()  # no date or version in the file: same data, same bytes

@@ -330,8 +330,10 @@ def test_constant_and_square_shapes():
 def test_linear_schedule_repairs_small_targets_deterministically():
     # The raw linear schedule for 256 -> 1 over-fills late layers; the repair keeps the cap and the total.
     schedule = merge_schedule(num_tokens=256, target=1, num_layers=12)
-    assert schedule == merge_schedule(num_tokens=256, target=1, num_layers=12)
-    assert sum(schedule) == 255 and schedule[-1] == 1
+    # By hand: layers 0-4 take the raw 39, 29, 27, 25, 23 (256 -> 113 tokens); 6 layers after layer 5 can only halve
+    # 64 -> 1, so layer 5 must take 113 - 64 = 49 instead of 21, and the rest is forced: 32, 16, 8, 4, 2, 1.
+    assert _linear_schedule(total=255, num_layers=12)[:6] == [39, 29, 27, 25, 23, 21]
+    assert schedule == [39, 29, 27, 25, 23, 49, 32, 16, 8, 4, 2, 1]
     assert merge_schedule(num_tokens=20, target=19, num_layers=12) == [1] + [0] * 11
     assert merge_schedule(num_tokens=7, target=7, num_layers=3) == [0, 0, 0]
     assert merge_schedule(num_tokens=10, target=5, num_layers=1) == [5]

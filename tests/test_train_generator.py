@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -211,7 +209,7 @@ def test_shards_are_disjoint_and_follow_the_epoch():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_sigkill_and_resume_is_bit_identical(tmp_path, tokens):
+def test_sigkill_and_resume_is_bit_identical(tmp_path, tokens, kill_after_step):
     train, _ = tokens
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "interrupted"
 
@@ -224,17 +222,9 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, tokens):
     # The uninterrupted reference and the run to be killed go side by side (one thread each).
     reference = subprocess.Popen(command(ref_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     victim = subprocess.Popen(command(run_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while ckpt.find_latest(run_dir / "checkpoints") is None:
-        assert victim.poll() is None, victim.stdout.read().decode()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    delay = random.Random(2504).uniform(0.0, 0.6)  # seeded: the same moment after the first checkpoint every run
-    time.sleep(delay)
-    assert victim.poll() is None, f"the run finished before the kill (delay {delay:.2f}s)"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL
+    # Seeded: after the first checkpoint (step 5) and well before the last step (40), the same step on every run.
+    kill_step = random.Random(2504).randint(8, 30)
+    kill_after_step(victim, run_dir=run_dir, step=kill_step)
 
     resumed = subprocess.run(command(run_dir), env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -247,7 +237,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, tokens):
     final_ref, final_run = ref_dir / "checkpoints" / "step_00000040", run_dir / "checkpoints" / "step_00000040"
     for part in ("model", "ema"):
         a, b = load_file(str(final_ref / f"{part}.safetensors")), load_file(str(final_run / f"{part}.safetensors"))
-        assert_same_tensors(a, b, f"{part} after a kill at +{delay:.2f}s and a resume from step {resumed_from}")
+        assert_same_tensors(a, b, f"{part} after a kill after step {kill_step} and a resume from step {resumed_from}")
     state_ref, state_run = ckpt.load_state(final_ref), ckpt.load_state(final_run)
     for i, s in state_ref["optimizer"]["state"].items():
         assert_same_tensors(s, state_run["optimizer"]["state"][i], f"optimizer state {i}")

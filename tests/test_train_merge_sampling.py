@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -24,9 +22,9 @@ def test_exponential_matches_paper_formula_and_frequencies():
     cfg = MergeSamplingConfig(distribution="exponential", root=6, direction=1, t_min=0, t_max=4, lam=0.7)
     sampler = make(cfg)
     assert sampler.candidates == (36, 49, 64, 81, 100)
-    raw = [(1 - math.exp(-0.7)) * math.exp(-0.7 * t) for t in range(5)]
-    expected = np.array(raw) / sum(raw)  # truncated to the five candidates
-    assert np.allclose(sampler.probabilities, expected)
+    # Truncated to T in [0, 4] the normaliser (1 − e^{−λ}) cancels: e^{−0.7t} / Σ e^{−0.7t}, evaluated by hand.
+    expected = np.array([0.51909, 0.25777, 0.12801, 0.06357, 0.03157])
+    assert np.allclose(sampler.probabilities, expected, atol=1e-5)
     freq = empirical(sampler, 20000)
     # 4σ of a binomial proportion at n = 20000 is below 0.015 for every bucket
     assert np.abs(freq - expected).max() < 0.015, (freq, expected)
@@ -42,10 +40,9 @@ def test_discrete_gaussian_shape_and_frequencies():
     cfg = MergeSamplingConfig(distribution="gaussian", root=12, t_min=-1, t_max=3, mu=0.5, sigma=0.8)
     sampler = make(cfg)
     assert sampler.candidates == (121, 144, 169, 196, 225)
-    ts = np.arange(-1, 4)
-    weights = np.exp(-((ts - 0.5) ** 2) / (2 * 0.8**2))
-    expected = weights / weights.sum()
-    assert np.allclose(sampler.probabilities, expected)
+    # exp(−(t − 0.5)² / 1.28) for t = −1..3 is 0.17242, 0.82258, 0.82258, 0.17242, 0.00758; normalised by hand:
+    expected = np.array([0.08632, 0.41179, 0.41179, 0.08632, 0.00379])
+    assert np.allclose(sampler.probabilities, expected, atol=1e-5)
     freq = empirical(sampler, 20000)
     assert np.abs(freq - expected).max() < 0.015, (freq, expected)
     # symmetric around μ = 0.5: T=0 and T=1 equally likely
@@ -76,8 +73,11 @@ def test_authors_candidate_lists(distribution, n, k0, candidates, probs):
 def test_authors_exponential_weights():
     sampler = make(MergeSamplingConfig(distribution="authors_exponential", num_candidates=4), length=1024, k0=144)
     assert sampler.candidates == (144, 169, 196, 225)
-    w = np.array([2 * math.exp(-2 * i) + 0.1 for i in range(4)])
-    assert np.allclose(sampler.probabilities, w / w.sum())
+    # The authors' weights 2e^{-2i} + 0.1 are 2.1, 0.3707, 0.1366, 0.1050 (sum 2.7123); normalised, by hand:
+    expected = np.array([0.7743, 0.1367, 0.0504, 0.0387])
+    assert np.allclose(sampler.probabilities, expected, atol=1e-4)
+    freq = empirical(sampler, 20000)
+    assert np.abs(freq - expected).max() < 0.015, (freq, expected)
 
 
 def test_same_k_on_every_rank_and_reproducible_after_resume():

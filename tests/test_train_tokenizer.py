@@ -115,7 +115,7 @@ def jsonl_rows(path: Path) -> dict[int, dict]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_sigkill_and_resume_is_bit_identical(tmp_path, cifar10_root):
+def test_sigkill_and_resume_is_bit_identical(tmp_path, cifar10_root, kill_after_step):
     config = micro_config(
         tmp_path,
         cifar10_root,
@@ -131,17 +131,9 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, cifar10_root):
     # The uninterrupted reference and the run to be killed go side by side (one thread each).
     reference = subprocess.Popen(command(config, ref_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     victim = subprocess.Popen(command(config, run_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while ckpt.find_latest(run_dir / "checkpoints") is None:
-        assert victim.poll() is None, victim.stdout.read().decode()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    delay = random.uniform(0.0, 0.6)
-    time.sleep(delay)
-    assert victim.poll() is None, f"the run finished before the kill (delay {delay:.2f}s)"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL
+    # Seeded: after the first checkpoint (step 3) and before the last step (12), the same step on every run.
+    kill_step = random.Random(2504).randint(4, 10)
+    kill_after_step(victim, run_dir=run_dir, step=kill_step)
 
     resumed = subprocess.run(command(config, run_dir), env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -155,7 +147,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, cifar10_root):
     for part in ("model", "ema", "discriminator", "alignment"):
         a = load_file(str(final_ref / f"{part}.safetensors"))
         b = load_file(str(final_run / f"{part}.safetensors"))
-        assert_same_tensors(a, b, f"{part} after a kill at +{delay:.2f}s and a resume from step {resumed_from}")
+        assert_same_tensors(a, b, f"{part} after a kill after step {kill_step} and a resume from step {resumed_from}")
     state_ref, state_run = ckpt.load_state(final_ref), ckpt.load_state(final_run)
     for opt in ("optimizer_g", "optimizer_d"):
         for i, s in state_ref[opt]["state"].items():

@@ -4,7 +4,7 @@ Result files are the JSON written by ``mergevq evaluate tokenizer|generator|prob
 ``"kind"`` field names which, ``"command"`` holds the command line that produced it), and the files of the
 ``benchmarks/`` scripts (``{"name", "title", "machine", "rows", "extra"}``). Rendering is a pure function of the
 files: the page holds no generation date, so regenerating it from the same files gives the same bytes.
-Plots are drawn with Pillow (no plotting dependency).
+Plots are drawn with matplotlib (:func:`mergevq.eval.plots.line_plot`, the optional ``report`` extra).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+
+from mergevq.eval.plots import line_plot
 
 __all__ = [
     "ResultFile",
@@ -150,9 +150,12 @@ def tokenizer_table(data: Mapping[str, Any]) -> str:
         psnr = _fixed(r["psnr"], 2)
         if r.get("psnr_num_inf"):
             psnr += f" (+{r['psnr_num_inf']} inf)"
+        k = str(r["num_tokens"])
+        if r.get("assignment") == "predicted":  # decoded through the learned Source Recovery
+            k += f" (predicted S, {_percent(r.get('recovery_accuracy'))}% right)"
         rows.append(
             [
-                str(r["num_tokens"]),
+                k,
                 str(r["merged_tokens"]),
                 psnr,
                 _fixed(r["ssim"], 4),
@@ -243,177 +246,6 @@ def _generic_table(data: Mapping[str, Any]) -> str:
     for r in rows:
         columns += [k for k in r if k not in columns]
     return markdown_table(header=columns, rows=[[r.get(c) for c in columns] for r in rows])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Line plots with Pillow
-# ----------------------------------------------------------------------------------------------------------------------
-
-_COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75))
-
-
-@lru_cache(maxsize=4)
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)  # scalable font (Pillow >= 10.1 with FreeType)
-    except (TypeError, OSError, ImportError, AttributeError):
-        return ImageFont.load_default()
-
-
-def _nice_ticks(low: float, high: float, *, count: int = 5) -> list[float]:
-    """Round tick values (1, 2, 5 × 10^n steps) covering ``[low, high]``."""
-    if high <= low:
-        return [low]
-    raw = (high - low) / max(count - 1, 1)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    first = math.ceil(low / step - 1e-9) * step
-    ticks = []
-    value = first
-    while value <= high + 1e-9 * step:
-        ticks.append(round(value, 12))
-        value += step
-    return ticks
-
-
-def _log_ticks(low: float, high: float) -> list[float]:
-    ticks = []
-    for exponent in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1):
-        for mantissa in (1, 2, 5):
-            value = mantissa * 10.0**exponent
-            if low * (1 - 1e-9) <= value <= high * (1 + 1e-9):
-                ticks.append(value)
-    return ticks
-
-
-def _tick_label(value: float) -> str:
-    if value == 0:
-        return "0"
-    if abs(value) >= 1e5 or abs(value) < 1e-3:
-        return f"{value:.0e}"
-    return f"{value:.6g}"
-
-
-def line_plot(
-    path: str | Path,
-    *,
-    title: str,
-    x_label: str,
-    y_label: str,
-    series: Mapping[str, Sequence[tuple[float, float | None]]],
-    log_x: bool = False,
-    log_y: bool = False,
-    size: tuple[int, int] = (800, 440),
-) -> Path:
-    """Draw ``series`` (name → [(x, y)], y None for a gap) as lines with markers and write a PNG at ``path``.
-
-    X ticks sit at the data's x values (the K values of a sweep); y ticks are round numbers. Log axes need
-    positive values (non-positive points are dropped there).
-    """
-    points = {
-        name: [
-            (float(x), None if y is None or not math.isfinite(y) or (log_y and y <= 0) else float(y))
-            for x, y in values
-            if not (log_x and x <= 0)
-        ]
-        for name, values in series.items()
-    }
-    xs = sorted({x for values in points.values() for x, _ in values})
-    ys = [y for values in points.values() for _, y in values if y is not None]
-    if not xs:
-        raise ValueError("nothing to plot: no x values")
-
-    width, height = size
-    font, small = _font(15), _font(13)
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    # The legend gets its own column right of the axes, so it never hides a line.
-    legend = len(points) > 1  # one series: the y label names it
-    legend_w = int(max(draw.textlength(name, font=small) for name in points)) + 44 if legend else 0
-    left, right, top, bottom = 88, 24 + legend_w, 44, 64
-
-    fx = (lambda v: math.log2(v)) if log_x else (lambda v: v)
-    fy = (lambda v: math.log10(v)) if log_y else (lambda v: v)
-    x_lo, x_hi = fx(xs[0]), fx(xs[-1])
-    if x_hi == x_lo:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    x_pad = 0.05 * (x_hi - x_lo)
-    x_lo, x_hi = x_lo - x_pad, x_hi + x_pad
-    if ys:
-        y_min, y_max = min(ys), max(ys)
-    else:
-        y_min, y_max = (1.0, 10.0) if log_y else (0.0, 1.0)
-    if log_y:
-        y_ticks = _log_ticks(y_min, y_max) or [y_min, y_max]
-        y_lo = min(fy(y_min), fy(min(y_ticks))) - 0.05
-        y_hi = max(fy(y_max), fy(max(y_ticks))) + 0.05
-    else:
-        if y_max == y_min:
-            y_min, y_max = y_min - (abs(y_min) * 0.1 or 1.0), y_max + (abs(y_max) * 0.1 or 1.0)
-        y_pad = 0.08 * (y_max - y_min)
-        y_ticks = _nice_ticks(y_min - y_pad, y_max + y_pad, count=7)
-        y_lo, y_hi = min(y_min - y_pad, y_ticks[0]), max(y_max + y_pad, y_ticks[-1])
-
-    def px(x: float) -> float:
-        return left + (fx(x) - x_lo) / (x_hi - x_lo) * (width - left - right)
-
-    def py(y: float) -> float:
-        return height - bottom - (fy(y) - y_lo) / (y_hi - y_lo) * (height - top - bottom)
-
-    # Grid, ticks and labels.
-    for y in y_ticks:
-        yy = py(y)
-        if top - 1 <= yy <= height - bottom + 1:
-            draw.line([(left, yy), (width - right, yy)], fill=(225, 225, 225))
-            label = _tick_label(y)
-            draw.text((left - 8, yy), label, fill="black", font=small, anchor="rm")
-    for x in xs:
-        xx = px(x)
-        draw.line([(xx, top), (xx, height - bottom)], fill=(235, 235, 235))
-        draw.text((xx, height - bottom + 6), _tick_label(x), fill="black", font=small, anchor="ma")
-    draw.rectangle([(left, top), (width - right, height - bottom)], outline="black")
-    draw.text(((left + width - right) / 2, 12), title, fill="black", font=font, anchor="ma")
-    draw.text(((left + width - right) / 2, height - 26), x_label, fill="black", font=font, anchor="ma")
-    label_box = draw.textbbox((0, 0), y_label, font=font)
-    label_img = Image.new("RGB", (label_box[2] + 4, label_box[3] + 4), "white")
-    ImageDraw.Draw(label_img).text((2, 2), y_label, fill="black", font=font)
-    rotated = label_img.rotate(90, expand=True)
-    image.paste(rotated, (8, int((top + height - bottom) / 2 - rotated.height / 2)))
-
-    # Lines (broken at gaps) and markers.
-    for index, values in enumerate(points.values()):
-        color = _COLORS[index % len(_COLORS)]
-        segment: list[tuple[float, float]] = []
-        for x, y in sorted(values, key=lambda p: p[0]) + [(math.nan, None)]:
-            if y is None:
-                if len(segment) > 1:
-                    draw.line(segment, fill=color, width=2)
-                segment = []
-                continue
-            segment.append((px(x), py(y)))
-        for x, y in values:
-            if y is not None:
-                cx, cy = px(x), py(y)
-                draw.ellipse([(cx - 4, cy - 4), (cx + 4, cy + 4)], fill=color, outline=color)
-
-    # Legend, in its column right of the axes.
-    if legend:
-        line_h = 20
-        x0, y0 = width - right + 12, top
-        draw.rectangle(
-            [(x0, y0), (x0 + legend_w - 8, y0 + line_h * len(points) + 6)], fill="white", outline=(160, 160, 160)
-        )
-        for index, name in enumerate(points):
-            color = _COLORS[index % len(_COLORS)]
-            yy = y0 + 4 + line_h * index + line_h / 2
-            draw.line([(x0 + 6, yy), (x0 + 30, yy)], fill=color, width=2)
-            draw.ellipse([(x0 + 14, yy - 3), (x0 + 22, yy + 3)], fill=color)
-            draw.text((x0 + 36, yy), name, fill="black", font=small, anchor="lm")
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------------
