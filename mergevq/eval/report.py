@@ -315,7 +315,19 @@ def _tokenizer_section(page: _Page, result: ResultFile) -> None:
     page.add(tokenizer_table(d), "")
     for warning in d.get("warnings", []):
         page.add(f"> Warning: {warning}", "")
-    ks = [r["num_tokens"] for r in d["results"]]
+    ks = sorted({r["num_tokens"] for r in d["results"]})
+    modes = list(dict.fromkeys(r.get("assignment", "true") for r in d["results"]))
+
+    def series(metric: str) -> dict[str, list[tuple[int, Any]]]:
+        # One line per assignment: the encoder's ("true") and, where evaluated, the Source Recovery's.
+        label = {"true": metric, "predicted": f"{metric}, predicted assignment"}
+        return {
+            label.get(mode, f"{metric}, {mode}"): [
+                (r["num_tokens"], r.get(metric.lower())) for r in d["results"] if r.get("assignment", "true") == mode
+            ]
+            for mode in modes
+        }
+
     if len(ks) > 1:
         name = model["preset"]
         page.figure(
@@ -325,7 +337,7 @@ def _tokenizer_section(page: _Page, result: ResultFile) -> None:
             title=f"Reconstruction PSNR vs K ({name})",
             x_label="K (merged tokens)",
             y_label="PSNR (dB)",
-            series={"PSNR": [(r["num_tokens"], r["psnr"]) for r in d["results"]]},
+            series=series("PSNR"),
             log_x=True,
         )
         if any(r.get("rfid") is not None for r in d["results"]):
@@ -336,7 +348,7 @@ def _tokenizer_section(page: _Page, result: ResultFile) -> None:
                 title=f"rFID vs K ({name}, {data['num_images']} images)",
                 x_label="K (merged tokens)",
                 y_label="rFID",
-                series={"rFID": [(r["num_tokens"], r.get("rfid")) for r in d["results"]]},
+                series=series("rFID"),
                 log_x=True,
             )
     defs = d.get("definitions", {})
