@@ -201,15 +201,11 @@ def test_line_plot_curves_auto_ticks_and_lone_points(tmp_path: Path) -> None:
     # A training curve: many points, no markers; a second series with one point between gaps still shows it.
     curve = [(step, 1.0 / (1 + step)) for step in range(0, 400, 4)]
     lone = [(0, None), (200, 0.5), (300, None)]
-    path = line_plot(
-        tmp_path / "c.png",
-        title="curve",
-        x_label="optimizer step",
-        y_label="loss",
-        series={"loss": curve, "val": lone},
-        x_ticks="auto",
+    plot = dict(
+        title="curve", x_label="optimizer step", y_label="loss", series={"loss": curve, "val": lone}, x_ticks="auto",
         markers=False,
-    )
+    )  # fmt: skip
+    path = line_plot(tmp_path / "c.png", **plot)
     with Image.open(path) as image:
         assert image.size == (800, 440) and image.mode == "RGB"
         pixels = np.asarray(image)
@@ -219,13 +215,5 @@ def test_line_plot_curves_auto_ticks_and_lone_points(tmp_path: Path) -> None:
     # The curve falls from left to right: its top-most blue pixels lie in the left part of the axes.
     rows, cols = np.nonzero(blue[:, :650])
     assert cols[rows == rows.min()].mean() < 250
-    same = line_plot(
-        tmp_path / "d.png",
-        title="curve",
-        x_label="optimizer step",
-        y_label="loss",
-        series={"loss": curve, "val": lone},
-        x_ticks="auto",
-        markers=False,
-    )
+    same = line_plot(tmp_path / "d.png", **plot)
     assert same.read_bytes() == path.read_bytes()  # no date or version in the file: same data, same bytes

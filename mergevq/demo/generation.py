@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from mergevq.demo.settings import DemoSettings
-from mergevq.demo.steps import run_cli, train_recipe
+from mergevq.demo.steps import run_cli, train_from_recipe
 
 __all__ = ["GenerationResult", "SampleRows", "generate", "sample_rows"]
 
@@ -122,11 +122,9 @@ def generate(
         "device": device,
         "output_dir": str(work / "generator"),
     }
-    train_recipe(path=recipe_path, values=values, command=train_command)
-    result = train(load_config(recipe_path), progress=progress)
-    if result.interrupted_by is not None:
-        raise KeyboardInterrupt
-    assert result.export is not None
+    result = train_from_recipe(
+        path=recipe_path, values=values, command=train_command, load_config=load_config, train=train, progress=progress
+    )
     parameters = Generator.from_pretrained(result.export).parameter_counts()["total"]
 
     k = max(levels)  # the larger merge level: the better samples after a short run

@@ -29,7 +29,7 @@ from mergevq.demo.page import write_report
 from mergevq.demo.photos import Photo, PhotoSet, crops_of, load_builtin_photos, load_folder_photos, write_training_crops
 from mergevq.demo.reconstruction import evaluate_crops, evaluate_photos, merge_levels, overview_figure
 from mergevq.demo.settings import DemoSettings
-from mergevq.demo.steps import train_recipe
+from mergevq.demo.steps import train_from_recipe
 from mergevq.eval.report import save_result
 from mergevq.tokenizer.model import MergeVQ
 from mergevq.train.output_lock import release_output_dir, take_output_lock
@@ -165,11 +165,9 @@ def _train_tokenizer(
         "device": device,
         "output_dir": _shown(work / "tokenizer"),
     }
-    train_recipe(path=recipe, values=values, command=command)
-    result = train(load_config(recipe), progress=progress)
-    if result.interrupted_by is not None:
-        raise KeyboardInterrupt  # the loop saved a checkpoint; the command reports the interruption
-    assert result.export is not None
+    result = train_from_recipe(
+        path=recipe, values=values, command=command, load_config=load_config, train=train, progress=progress
+    )
     return _TokenizerRun(
         recipe=recipe,
         command=command,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StageFailed", "run_cli", "train_recipe"]
+__all__ = ["StageFailed", "run_cli", "train_from_recipe", "train_recipe"]
 
 
 class StageFailed(RuntimeError):
@@ -35,3 +35,19 @@ def train_recipe(*, path: Path, values: dict[str, Any], command: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(values, sort_keys=False, default_flow_style=None, width=110))
     return path
+
+
+def train_from_recipe(
+    *, path: Path, values: dict[str, Any], command: str, load_config: Any, train: Any, progress: bool
+) -> Any:
+    """Write the recipe, run the stage's training loop on it, and return its result (which has an export).
+
+    ``load_config`` / ``train`` are the stage's own (tokenizer or generator). An interrupted run raises
+    KeyboardInterrupt: the loop saved a checkpoint, and the command reports the interruption.
+    """
+    train_recipe(path=path, values=values, command=command)
+    result = train(load_config(path), progress=progress)
+    if result.interrupted_by is not None:
+        raise KeyboardInterrupt
+    assert result.export is not None
+    return result
