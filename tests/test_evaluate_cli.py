@@ -17,6 +17,7 @@ import mergevq.cli
 from mergevq import MergeVQ
 from mergevq.commands import benchmark, evaluate, evaluate_generator, evaluate_tokenizer
 from mergevq.eval.fid import InceptionFeatures, load_statistics, save_statistics
+from mergevq.eval.report import load_results, render_results_page
 from mergevq.eval.tokenizer_eval import GaussianAccumulator
 
 COMMAND_MODULES = ("mergevq.commands.evaluate", "mergevq.commands.benchmark")
@@ -335,6 +336,104 @@ def test_probe_needs_labels_and_defaults_to_all_tokens(
         ["evaluate", "probe", "--model", "m", "--train", "a", "--test", "b", "--output", "o"]
     )
     assert args.num_tokens is None  # resolved to L (all tokens, the paper's probing protocol) at run time
+
+
+@pytest.fixture(scope="module")
+def colour_folders(tmp_path_factory) -> Path:
+    """A labelled ImageFolder pair whose two classes differ in colour (noisy red vs noisy blue, 20×24 PNGs)."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 10), ("test", 6)):
+        for name, colour in (("blue", (40, 40, 200)), ("red", (200, 40, 40))):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.asarray(colour, dtype=np.float64) + rng.normal(0, 40, (20, 24, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def _probe(mergevq_cli, folders: Path, out: Path, *source: str) -> dict:
+    rc = mergevq_cli(
+        "evaluate", "probe", *source, "--train", folders / "train", "--test", folders / "test", "--epochs", "10",
+        "--output", out,
+    )  # fmt: skip
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def test_probe_pixels_baseline_end_to_end(mergevq_cli, colour_folders: Path, tmp_path: Path, capsys) -> None:
+    data = _probe(mergevq_cli, colour_folders, tmp_path / "pixels.json", "--pixels")
+    assert data["kind"] == "probe_eval" and data["features"] == "pixels" and data["feature_kinds"] == ["pixels"]
+    assert data["model"] is None and data["num_tokens"] is None and data["input"]["image_size"] == 32
+    assert data["classes"] == ["blue", "red"] and data["train"]["num_images"] == 20 and data["knn_k"] == 20
+    assert shlex.split(data["command"])[:4] == ["mergevq", "evaluate", "probe", "--pixels"]
+    assert "--image-size 32" in data["command"]  # the default is spelled out, so the command reproduces the run
+    [row] = data["results"]
+    assert row["num_tokens"] is None and row["pixels"]["dim"] == 3 * 32 * 32
+    # The classes differ in colour only: a linear probe and a k-NN on raw pixels must separate them.
+    assert row["pixels"]["linear_top1"] == 1.0 and row["pixels"]["knn_top1"] == 1.0
+    assert "| - | raw pixels | 100.00 |" in capsys.readouterr().out
+
+    small = _probe(mergevq_cli, colour_folders, tmp_path / "small.json", "--pixels", "--image-size", "8")
+    assert small["results"][0]["pixels"]["dim"] == 3 * 8 * 8 and small["input"]["image_size"] == 8
+
+    # The results page renders the baseline as its own probe section.
+    page = render_results_page(
+        results=load_results([tmp_path / "pixels.json"]),
+        output=tmp_path / "RESULTS.md",
+        figures_dir=tmp_path / "figures",
+        base=tmp_path,
+    )
+    assert "### Linear probe and k-NN: raw pixels (baseline)" in page and "untrained" not in page
+
+
+def test_probe_pixels_has_the_model_schema(mergevq_cli, colour_folders: Path, tmp_path: Path) -> None:
+    pixels = _probe(mergevq_cli, colour_folders, tmp_path / "pixels.json", "--pixels")
+    model = _probe(mergevq_cli, colour_folders, tmp_path / "model.json", "--preset", "tiny-32", "--num-tokens", "16")
+    assert model["features"] == "encoder" and model["feature_kinds"] == ["cls", "mean_tokens"]
+    assert model["input"]["image_size"] == 32
+    assert set(pixels) == set(model)
+    assert set(pixels["input"]) == set(model["input"]) and set(pixels["train"]) == set(model["train"])
+    [pixel_row] = pixels["results"]
+    [model_row] = model["results"]
+    assert set(pixel_row) == {"num_tokens", *pixels["feature_kinds"]}
+    assert set(model_row) == {"num_tokens", *model["feature_kinds"]}
+    entry_keys = set(pixel_row["pixels"])
+    assert all(set(model_row[kind]) == entry_keys for kind in model["feature_kinds"])
+    assert pixels["linear_probe"] == model["linear_probe"]  # the same protocol
+
+
+def test_probe_pixels_excludes_model_and_tokens(mergevq_cli, colour_folders: Path, tmp_path: Path, capsys) -> None:
+    parser = mergevq.cli.build_parser()
+    common = ["--train", "a", "--test", "b", "--output", "o.json"]
+    for source in (["--pixels", "--preset", "tiny-32"], ["--pixels", "--model", "m"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["evaluate", "probe", *source, *common])
+        assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "probe", *common])
+    assert "one of the arguments --model --preset --pixels is required" in capsys.readouterr().err
+
+    folders = ["--train", colour_folders / "train", "--test", colour_folders / "test"]
+    out = tmp_path / "p.json"
+    rc = mergevq_cli("evaluate", "probe", "--pixels", "--num-tokens", "16", *folders, "--output", out)
+    assert rc == 2 and "--num-tokens does not apply to --pixels" in capsys.readouterr().err
+    rc = mergevq_cli("evaluate", "probe", "--preset", "tiny-32", "--image-size", "64", *folders, "--output", out)
+    assert rc == 2 and "--image-size applies to --pixels only" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_probe_help_documents_the_pixel_baseline(capsys) -> None:
+    parser = mergevq.cli.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "probe", "--help"])
+    text = capsys.readouterr().out
+    assert "(--model DIR | --preset NAME | --pixels)" in text and "mergevq evaluate probe --pixels" in text
+    assert "--image-size S" in text and "default: 32" in text
+    evaluate_parser = parser._subparsers._group_actions[0].choices["evaluate"]  # type: ignore[union-attr]
+    probe = evaluate_parser._subparsers._group_actions[0].choices["probe"]  # type: ignore[union-attr]
+    for action in probe._actions:
+        assert action.help, f"{action.option_strings} has no help"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

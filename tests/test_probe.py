@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergevq.eval.probe import knn_accuracy, linear_probe
+from mergevq.eval.probe import knn_accuracy, linear_probe, pixel_features
 
 
 def _blobs(
@@ -111,3 +111,17 @@ def test_knn_separable_and_random() -> None:
     assert abs(accuracy - 0.25) < 0.07
     with pytest.raises(ValueError, match="k must be"):
         knn_accuracy(x[:5], y[:5], x[5:], y[5:], k=6)
+
+
+def test_pixel_features_flatten_batches_in_order() -> None:
+    images = torch.linspace(-1, 1, 5 * 3 * 4 * 2).reshape(5, 3, 4, 2)
+    seen: list[int] = []
+    batches = [(images[:2], torch.tensor([0, 1])), (images[2:], [1, 0, 1])]  # list labels are accepted too
+    features, labels = pixel_features(batches=batches, progress=seen.append)
+    assert features.shape == (5, 3 * 4 * 2) and features.dtype == torch.float32
+    assert torch.equal(features, images.flatten(1))  # values kept as given: the tokenizer's [-1, 1] scaling
+    assert labels.tolist() == [0, 1, 1, 0, 1] and seen == [2, 3]
+    with pytest.raises(ValueError, match="no images"):
+        pixel_features(batches=[])
+    with pytest.raises(ValueError, match="after"):
+        pixel_features(batches=[(images[:1], [0]), (torch.zeros(1, 3, 2, 2), [0])])

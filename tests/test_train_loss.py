@@ -149,3 +149,18 @@ def test_invalid_choices():
         TokenizerLoss(weights=LossWeights(), reconstruction="l3")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="adversarial_loss"):
         TokenizerLoss(weights=LossWeights(), adversarial_loss="wgan")  # type: ignore[arg-type]
+
+
+def test_perceptual_on_a_sub_batch_sees_only_the_first_images():
+    _, images, recon, model_losses = setup()
+    recon = recon.detach().requires_grad_(True)
+    loss = TokenizerLoss(weights=WEIGHTS, perceptual=L2Perceptual(), perceptual_images=1)
+    out = loss.generator_loss(images=images, reconstruction=recon, model_losses=model_losses, step=0)
+    expected = (recon[:1] - images[:1]).square().sum()
+    assert torch.allclose(out.terms["perceptual"], expected.detach())
+    out.total.backward()
+    # the second image gets gradient from the pixel loss only: its perceptual gradient is absent
+    pixel_only = torch.sign(recon[1] - images[1]) * WEIGHTS.reconstruction / recon.numel()
+    assert torch.allclose(recon.grad[1], pixel_only.detach(), atol=1e-6)
+    with pytest.raises(ValueError, match="perceptual_images"):
+        TokenizerLoss(weights=WEIGHTS, perceptual=L2Perceptual(), perceptual_images=0)

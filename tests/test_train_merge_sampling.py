@@ -130,3 +130,22 @@ def test_invalid_parameters():
         make(MergeSamplingConfig(distribution="gaussian", sigma=0.0), length=256)
     with pytest.raises(ValueError, match="t_max"):
         make(MergeSamplingConfig(distribution="uniform", t_min=2, t_max=1), length=256)
+
+
+def test_progressive_merging_keeps_all_tokens_then_ramps_in_the_distribution():
+    base = MergeSamplingConfig(distribution="gaussian", root=12, t_min=-1, t_max=3)
+    cfg = MergeSamplingConfig(distribution="gaussian", root=12, t_min=-1, t_max=3, full_steps=100, ramp_steps=1000)
+    plain, progressive = make(base), make(cfg)
+    assert all(progressive.sample(step=s) == 256 for s in range(100))  # K = L during the warm-up
+    assert progressive.merge_probability(step=99) == 0.0
+    assert progressive.merge_probability(step=600) == pytest.approx(501 / 1001)
+    assert progressive.merge_probability(step=1100) == 1.0
+    # in the middle of the ramp about half the steps merge, and a merging step draws what the plain sampler draws
+    mid = range(550, 650)
+    merged = [s for s in mid if progressive.sample(step=s) != 256]
+    assert 30 < len(merged) < 70, len(merged)
+    assert all(progressive.sample(step=s) == plain.sample(step=s) for s in merged)
+    # after the ramp it is the plain distribution, step for step (the existing random stream is unchanged)
+    assert [progressive.sample(step=s) for s in range(1100, 1400)] == [plain.sample(step=s) for s in range(1100, 1400)]
+    with pytest.raises(ValueError, match="merge.full_steps"):
+        MergeSamplingConfig(full_steps=-1)

@@ -35,6 +35,8 @@ examples:
       --save-reference-stats val_stats.npz
   mergevq evaluate probe --model runs/tiny32/export --train cifar10/train --test cifar10/test \\
       --max-train 5000 --max-test 1000 --output results/probe.json
+  mergevq evaluate probe --pixels --train cifar10/train --test cifar10/test \\
+      --max-train 5000 --max-test 1000 --output results/probe_pixels.json
 """
 
 
@@ -140,12 +142,14 @@ def _loader(dataset: ImageDataset, args: argparse.Namespace):
     )
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_model_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """``--model DIR | --preset NAME`` (exactly one); the group is returned so a command can add an alternative."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="DIR", help="model directory written by save_pretrained / training export")
     source.add_argument(
         "--preset", metavar="NAME", help="a randomly initialised preset instead (untrained: checks the pipeline only)"
     )
+    return source
 
 
 def _add_loader_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:

@@ -1,6 +1,7 @@
 """Representation quality of frozen features: linear probe and weighted k-NN accuracy.
 
-Only the math lives here; feature extraction from a tokenizer is built on top of the model elsewhere.
+Only the math lives here, with the raw-pixel baseline's features (:func:`pixel_features`); feature extraction from a
+tokenizer is built on top of the model elsewhere.
 Shapes: ``train_features [N, F]``, ``train_labels [N]`` (int, classes ``0..C-1``), ``test_features [M, F]``,
 ``test_labels [M]``. NumPy arrays and tensors are both accepted.
 """
@@ -8,6 +9,7 @@ Shapes: ``train_features [N, F]``, ``train_labels [N]`` (int, classes ``0..C-1``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ProbeResult", "knn_accuracy", "linear_probe"]
+__all__ = ["ProbeResult", "knn_accuracy", "linear_probe", "pixel_features"]
 
 
 def _features(array: Tensor | np.ndarray, device: torch.device) -> Tensor:
@@ -168,3 +170,28 @@ def knn_accuracy(
         votes.scatter_add_(1, y_train[top_idx], weights)
         correct += int((votes.argmax(dim=1) == y_test[start : start + chunk_size]).sum())
     return correct / test.shape[0]
+
+
+def pixel_features(
+    *, batches: Iterable[tuple[Tensor, Tensor]], progress: Callable[[int], object] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The raw-pixel baseline: ``(images [B, 3, H, W], labels [B])`` batches → ``(features [N, 3·H·W], labels [N])``.
+
+    Images are flattened as given (channel-major), i.e. in the ``[-1, 1]`` scaling the tokenizer sees, so a probe on
+    them measures what a linear classifier gets without any encoder. All batches must share one image size.
+    """
+    features: list[Tensor] = []
+    labels: list[Tensor] = []
+    for images, batch_labels in batches:
+        images = torch.as_tensor(images)
+        if images.ndim != 4:
+            raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+        if features and images.shape[1:] != features[0].shape[1:]:
+            raise ValueError(f"images of shape {tuple(images.shape[1:])} after {tuple(features[0].shape[1:])}")
+        features.append(images.detach().float().cpu())
+        labels.append(torch.as_tensor(batch_labels).reshape(-1).long().cpu())
+        if progress is not None:
+            progress(images.shape[0])
+    if not features:
+        raise ValueError("no images to extract features from")
+    return torch.cat(features).flatten(1), torch.cat(labels)

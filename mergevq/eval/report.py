@@ -83,7 +83,7 @@ class ResultFile:
 
     @property
     def untrained(self) -> bool:
-        weights = str(self.data.get("model", {}).get("weights", ""))
+        weights = str((self.data.get("model") or {}).get("weights", ""))  # null for the raw-pixel probe
         return weights.startswith("random")
 
 
@@ -170,16 +170,23 @@ def tokenizer_table(data: Mapping[str, Any]) -> str:
     return markdown_table(header=header, rows=rows)
 
 
+_PROBE_FEATURES = {"cls": "CLS", "mean_tokens": "mean of merged tokens", "pixels": "raw pixels"}
+
+
 def probe_table(data: Mapping[str, Any]) -> str:
-    """K | features | linear top-1 | k-NN top-1 | train top-1, from a ``probe_eval`` payload (accuracies in %)."""
+    """K | features | linear top-1 | k-NN top-1 | train top-1, from a ``probe_eval`` payload (accuracies in %).
+
+    The rows follow the payload's ``feature_kinds`` (files written before it existed hold ``cls`` and
+    ``mean_tokens``); the raw-pixel baseline has no K ("-").
+    """
     rows = []
     for r in data["results"]:
-        for name, label in (("cls", "CLS"), ("mean_tokens", "mean of merged tokens")):
+        for name in data.get("feature_kinds") or ("cls", "mean_tokens"):
             f = r[name]
             rows.append(
                 [
-                    str(r["num_tokens"]),
-                    label,
+                    "-" if r["num_tokens"] is None else str(r["num_tokens"]),
+                    _PROBE_FEATURES.get(name, name),
                     _percent(f["linear_top1"]),
                     _percent(f.get("linear_top5")),
                     _percent(f["knn_top1"]),
@@ -361,15 +368,21 @@ def _tokenizer_section(page: _Page, result: ResultFile) -> None:
 def _probe_section(page: _Page, result: ResultFile) -> None:
     d = result.data
     model = d["model"]
-    weights = "**untrained (random initialisation)**" if result.untrained else f"weights from `{model['source']}`"
-    page.add(f"### Linear probe and k-NN: {model['preset']}", "")
+    if model is None:  # the raw-pixel baseline (``--pixels``)
+        size = d["input"]["image_size"]
+        page.add("### Linear probe and k-NN: raw pixels (baseline)", "")
+        subject = f"raw pixels at {size}×{size}, no encoder"
+    else:
+        weights = "**untrained (random initialisation)**" if result.untrained else f"weights from `{model['source']}`"
+        page.add(f"### Linear probe and k-NN: {model['preset']}", "")
+        subject = f"model `{model['preset']}` ({weights})"
     page.add(
         f"{d['train']['num_images']} training / {d['test']['num_images']} test images from `{d['train']['root']}` "
-        f"and `{d['test']['root']}`, model `{model['preset']}` ({weights}). {_machine_line(d.get('machine'))}",
+        f"and `{d['test']['root']}`, {subject}. {_machine_line(d.get('machine'))}",
         "",
     )
     page.add(probe_table(d), "")
-    if len(d["results"]) > 1:
+    if model is not None and len(d["results"]) > 1:
         page.figure(
             result,
             "probe",

@@ -51,6 +51,9 @@ class TokenizerLoss(nn.Module):
         weights: term weights.
         reconstruction: ``"l1"`` (authors' code) or ``"l2"`` (paper Table A1).
         perceptual: an LPIPS-like module ``(x, y) -> [B]``, or None to drop the term.
+        perceptual_images: apply the perceptual term to the first N images of each micro-batch only (None: all).
+            Their mean is an unbiased estimate of the batch mean; on small images the LPIPS network costs more than
+            the tokenizer, so this is the cheap way to keep the term (issue 9's CPU recipe).
         adversarial_loss: ``"non_saturating"`` (code) or ``"hinge"`` generator loss.
         adversarial_reduction: non-saturating only: ``"image"`` averages each image's patch logits before the
             softplus, ``softplus(−mean_hw D(x̂))`` (the authors' code, SPEC §2.9; the training recipe's default);
@@ -67,6 +70,7 @@ class TokenizerLoss(nn.Module):
         weights: LossWeights,
         reconstruction: Literal["l1", "l2"] = "l1",
         perceptual: nn.Module | None = None,
+        perceptual_images: int | None = None,
         adversarial_loss: Literal["non_saturating", "hinge"] = "non_saturating",
         adversarial_reduction: Literal["image", "patch"] = "patch",
         adaptive: bool = False,
@@ -82,6 +86,9 @@ class TokenizerLoss(nn.Module):
         self.weights = weights
         self.reconstruction = reconstruction
         self.perceptual = perceptual if weights.perceptual > 0 else None
+        if perceptual_images is not None and perceptual_images < 1:
+            raise ValueError(f"perceptual_images must be >= 1 or None, got {perceptual_images}")
+        self.perceptual_images = perceptual_images
         if adversarial_reduction not in ("image", "patch"):
             raise ValueError(f"adversarial_reduction must be 'image' or 'patch', got {adversarial_reduction!r}")
         self.adversarial_loss = adversarial_loss
@@ -128,7 +135,8 @@ class TokenizerLoss(nn.Module):
         terms["reconstruction"] = rec
         terms["w_reconstruction"] = w.reconstruction * rec
         if self.perceptual is not None:
-            p = self.perceptual(reconstruction.float(), images.float()).mean()
+            n = self.perceptual_images or images.shape[0]
+            p = self.perceptual(reconstruction[:n].float(), images[:n].float()).mean()
             nll = nll + w.perceptual * p
             terms["perceptual"] = p
             terms["w_perceptual"] = w.perceptual * p

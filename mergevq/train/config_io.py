@@ -415,6 +415,7 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "*num_workers",
     "data.val",
     "data.val_images",
+    "data.val_num_tokens",
     "resume.*",
     "nonfinite.*",
 )

@@ -46,12 +46,20 @@ class MergeSamplingConfig:
     candidates: list[int] | None = None  # explicit K values; T indexes them (t_min/t_max/root ignored)
     num_candidates: int = 6  # authors_* only: length n of the candidate list
     fixed: int | None = None  # "fixed" only: K every step; None: the model's default K
+    # Progressive merging (an extension of ours, not in the paper): K = L (no merging) for the first full_steps
+    # optimizer steps, then over ramp_steps the chance of drawing K from the distribution grows linearly from 0 to 1.
+    # Small models learn to reconstruct much faster at K = L; merging is learned on top of that.
+    full_steps: int = 0
+    ramp_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"merge.distribution {self.distribution!r} is not one of {DISTRIBUTIONS}")
         if self.direction not in (-1, 1):
             raise ValueError(f"merge.direction must be +1 or -1, got {self.direction}")
+        for key in ("full_steps", "ramp_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"merge.{key} must be >= 0, got {getattr(self, key)}")
 
 
 class MergeCountSampler:
@@ -87,18 +95,33 @@ class MergeCountSampler:
 
     def sample(self, *, step: int) -> int:
         """K for optimizer step ``step`` (0-based); identical on every rank and across restarts."""
-        if len(self.candidates) == 1:
-            return self.candidates[0]
         rng = np.random.default_rng([self.seed, int(step), _STREAM])
         u = rng.random()
+        if rng.random() >= self.merge_probability(step=step):
+            return self.num_tokens_full
+        if len(self.candidates) == 1:
+            return self.candidates[0]
         return self.candidates[int(np.searchsorted(self._cdf, u, side="right"))]
+
+    def merge_probability(self, *, step: int) -> float:
+        """Chance that step ``step`` draws K from the distribution rather than keeping all L tokens (progressive)."""
+        full, ramp = self.config.full_steps, self.config.ramp_steps
+        if step < full:
+            return 0.0
+        if step >= full + ramp:
+            return 1.0
+        return (step - full + 1) / (ramp + 1)
 
     def expected_tokens(self) -> float:
         return float(sum(k * p for k, p in zip(self.candidates, self.probabilities)))
 
     def __repr__(self) -> str:
         pairs = ", ".join(f"{k}:{p:.3f}" for k, p in zip(self.candidates, self.probabilities))
-        return f"MergeCountSampler({self.description}; {pairs})"
+        progressive = ""
+        if self.config.full_steps or self.config.ramp_steps:
+            full, ramp = self.config.full_steps, self.config.ramp_steps
+            progressive = f"; K=L={self.num_tokens_full} for {full} steps, ramp {ramp}"
+        return f"MergeCountSampler({self.description}; {pairs}{progressive})"
 
 
 def _build(config: MergeSamplingConfig, *, default_num_tokens: int) -> tuple[list[int], list[float], str]:

@@ -81,6 +81,7 @@ class DataSection:
     num_workers: int = 2
     max_images: int | None = None  # use only the first N training images (quick runs)
     val_images: int = 16  # size of the fixed validation batch
+    val_num_tokens: list[int] | None = None  # K values validated (PSNR of the EMA model); None: default K and L
 
 
 @dataclass
@@ -91,6 +92,8 @@ class LossSection:
     perceptual_weight: float = 1.0  # code 1.0; paper 0.7
     perceptual_heads: str | None = None  # LPIPS file: ST-LPIPS weights, or the vanilla linear heads (vgg.pth)
     perceptual_backbone: str | None = None  # "vanilla" only: local torchvision-format VGG16 weights file
+    # LPIPS on the first N images of each micro-batch only (None: all); an unbiased, cheaper estimate of the term
+    perceptual_images: int | None = None
     adversarial_loss: Literal["non_saturating", "hinge"] = "non_saturating"  # code: non-saturating
     adversarial_mode: Literal["fixed", "adaptive"] = "fixed"  # code: fixed; paper: VQGAN adaptive weight
     adversarial_weight: float = 0.1  # fixed: the weight (code 0.1); adaptive: multiplies it (paper 0.8)

@@ -189,7 +189,14 @@ def _train(config: TrainConfig, *, progress: bool) -> TrainResult:
                     loss_key="total",
                 )
                 if val_batch is not None and (step % config.val_every == 0 or step == config.max_steps):
-                    _validate(p.ema.module, val_batch, step=step, logger=logger, precision=config.precision)
+                    _validate(
+                        p.ema.module,
+                        val_batch,
+                        step=step,
+                        logger=logger,
+                        precision=config.precision,
+                        num_tokens=config.data.val_num_tokens,
+                    )
                 if checkpoint_if_due(
                     config=config,
                     step=step,
@@ -326,12 +333,20 @@ def _optimizer_step(
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, images: Tensor, *, step: int, logger: TrainLogger, precision: str) -> dict[str, float]:
-    """PSNR of the EMA tokenizer on the fixed held-out batch, at the default K and without merging."""
+def _validate(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    step: int,
+    logger: TrainLogger,
+    precision: str,
+    num_tokens: list[int] | None = None,
+) -> dict[str, float]:
+    """PSNR of the EMA tokenizer on the fixed held-out batch at ``num_tokens`` (default: default K and L)."""
     cfg = model.config
     values: dict[str, float] = {}
     rows = [images[:8]]
-    for k in sorted({cfg.default_num_tokens, cfg.num_tokens_full}):
+    for k in sorted(set(num_tokens or (cfg.default_num_tokens, cfg.num_tokens_full))):
         with autocast(images.device, precision):
             recon = model(images, num_tokens=k).reconstruction.float().clamp(-1, 1)
         mse = (recon - images.float()).square().flatten(1).mean(1) / 4.0  # on [0, 1] pixels

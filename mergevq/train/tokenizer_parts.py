@@ -144,6 +144,7 @@ def build_parts(config: TrainConfig, *, device: torch.device) -> Parts:
         ),
         reconstruction=lc.reconstruction,
         perceptual=perceptual,
+        perceptual_images=lc.perceptual_images,
         adversarial_loss=lc.adversarial_loss,
         adversarial_reduction=lc.adversarial_reduction,
         adaptive=lc.adversarial_mode == "adaptive",
